@@ -34,7 +34,13 @@ def _rewrite_imports(source: str, roots: set[str]) -> str:
             return f"from {API_PACKAGE}.{module} import"
         return match.group(0)
 
-    return re.sub(r"^from ([\w.]+) import", fix, source, flags=re.MULTILINE)
+    source = re.sub(r"^from ([\w.]+) import", fix, source, flags=re.MULTILINE)
+    # The module name given to the builder becomes each class's __module__.
+    return re.sub(
+        r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '([\w.]+)'",
+        lambda m: f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{API_PACKAGE}.{m.group(1)}'",
+        source,
+    )
 
 
 def generate(out_dir: Path) -> None:
