@@ -1,0 +1,311 @@
+"""trio ttrpc server: a thin I/O loop around :mod:`shimv2.ttrpc.wire`.
+
+Rules that matter for a shim (spec/ttrpc.md §7, pitfalls 2, 3, 17):
+
+* every request runs in its own task, so a ``Wait`` blocked for the
+  container's lifetime never stalls other calls on the same connection;
+* a bad frame or a failing handler is answered with an error status; the
+  connection is never closed for it (containerd would take that as "shim died");
+* handler tasks live in a nursery owned by the server, not by the connection:
+  a peer hanging up only sets ``ctx.disconnected`` and discards the answer,
+  it never cancels a half-done ``Create``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from google.protobuf.message import DecodeError, Message
+
+from ._pb import Request, Status
+from .status import Code, TTRPCError, error_from_exception
+from .wire import (
+    MESSAGE_LENGTH_MAX,
+    Frame,
+    FrameDecoder,
+    MalformedMessageError,
+    MessageType,
+    OversizedFrame,
+    OversizedMessageError,
+    decode_request,
+    encode_response,
+)
+
+__all__ = [
+    "Method",
+    "RequestContext",
+    "Server",
+    "credentials_allowed",
+    "peer_credentials",
+]
+
+log = logging.getLogger("shimv2.ttrpc")
+
+_READ_SIZE = 64 * 1024
+_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+_BACKOFF_MIN = 0.001
+_BACKOFF_MAX = 1.0
+# accept(2) errors that mean the listener itself is unusable: retrying is pointless.
+_FATAL_ACCEPT_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL, errno.EOPNOTSUPP})
+
+Handler = Callable[[Any, "RequestContext"], Awaitable[Message]]
+
+
+@dataclass
+class Method:
+    request_type: type[Message]
+    handler: Handler
+
+
+@dataclass
+class RequestContext:
+    service: str
+    method: str
+    stream_id: int
+    metadata: dict[str, list[str]]
+    deadline: float | None  # in trio.current_time() units; None = no timeout_nano
+    peer_pid: int
+    disconnected: trio.Event  # set when the connection this request came on ends
+
+
+def peer_credentials(sock: trio.socket.SocketType | socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the peer at connect(2) time (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def credentials_allowed(
+    creds: tuple[int, int, int], *, euid: int | None = None, egid: int | None = None
+) -> bool:
+    """The same-user rule of Go's UnixSocketRequireSameUser: uid AND gid must match."""
+    _, uid, gid = creds
+    euid = os.geteuid() if euid is None else euid
+    egid = os.getegid() if egid is None else egid
+    return uid == euid and gid == egid
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream, peer_pid: int) -> None:
+        self.stream = stream
+        self.peer_pid = peer_pid
+        self.write_lock = trio.Lock()
+        self.disconnected = trio.Event()
+
+    def close(self) -> None:
+        self.disconnected.set()
+        # Closing the trio socket wakes a task blocked on it with ClosedResourceError.
+        self.stream.socket.close()
+
+    async def send(self, frame: bytes) -> None:
+        """Write one whole frame; silently drop it once the peer is gone."""
+        async with self.write_lock:
+            if self.disconnected.is_set():
+                return
+            try:
+                await self.stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.close()
+            except BaseException:
+                # Cancelled mid-frame: the byte stream can no longer be trusted.
+                self.close()
+                raise
+
+
+class Server:
+    def __init__(self, *, require_same_user: bool = True) -> None:
+        self.require_same_user = require_same_user
+        self._services: dict[str, dict[str, Method]] = {}
+
+    def register_service(self, name: str, methods: Mapping[str, Method]) -> None:
+        if name in self._services:
+            raise ValueError(f"service {name} already registered")
+        self._services[name] = dict(methods)
+
+    async def serve(
+        self,
+        listener: trio.socket.SocketType | socket.socket,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve a listening unix socket until cancelled (or the listener is closed)."""
+        sock = _as_trio_socket(listener)
+        # Handlers outlive their connection; they end only with the server.
+        async with trio.open_nursery() as handlers, trio.open_nursery() as conns:
+            task_status.started()
+            backoff = 0.0
+            while True:
+                try:
+                    conn_sock, _ = await sock.accept()
+                except trio.ClosedResourceError:
+                    return
+                except OSError as exc:
+                    if exc.errno in _FATAL_ACCEPT_ERRNOS:
+                        raise
+                    # EMFILE, ENOBUFS, ECONNABORTED...: wait and retry (Go: 1 ms doubling to 1 s).
+                    backoff = min(_BACKOFF_MAX, max(_BACKOFF_MIN, backoff * 2))
+                    log.warning("ttrpc: accept error, retrying in %.3fs: %s", backoff, exc)
+                    await trio.sleep(backoff)
+                    continue
+                backoff = 0.0
+                conns.start_soon(self._serve_accepted, conn_sock, handlers)
+
+    async def _serve_accepted(self, sock: trio.socket.SocketType, handlers: trio.Nursery) -> None:
+        try:
+            await self.serve_connection(sock, handler_nursery=handlers)
+        except Exception:
+            # Never let one connection's failure kill the server.
+            log.exception("ttrpc: connection failed")
+
+    async def serve_connection(
+        self,
+        conn: trio.SocketStream | trio.socket.SocketType | socket.socket,
+        *,
+        handler_nursery: trio.Nursery | None = None,
+    ) -> None:
+        """Serve one connected socket until the peer goes away.
+
+        Without ``handler_nursery`` the handlers run in a local nursery, so this
+        returns only after the connection ended *and* its handlers finished.
+        """
+        stream = (
+            conn
+            if isinstance(conn, trio.SocketStream)
+            else trio.SocketStream(_as_trio_socket(conn))
+        )
+        try:
+            try:
+                creds = peer_credentials(stream.socket)
+            except OSError:
+                creds = (0, -1, -1)  # not a unix socket: no credentials to trust
+            if self.require_same_user and not credentials_allowed(creds):
+                log.warning(
+                    "ttrpc: refusing connection after handshake: peer pid=%d uid=%d gid=%d",
+                    *creds,
+                )
+                return
+            connection = _Connection(stream, creds[0])
+            if handler_nursery is not None:
+                await self._read_loop(connection, handler_nursery)
+                return
+            async with trio.open_nursery() as handlers:
+                await self._read_loop(connection, handlers)
+        finally:
+            stream.socket.close()  # idempotent; the read loop normally did it already
+
+    async def _read_loop(self, conn: _Connection, handlers: trio.Nursery) -> None:
+        decoder = FrameDecoder()
+        try:
+            while not decoder.at_eof:
+                data = await conn.stream.receive_some(_READ_SIZE)
+                decoder.feed(data)
+                while (event := decoder.next_event()) is not None:
+                    self._on_event(conn, event, handlers)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # ECONNRESET or closed by a failed write: same as EOF
+        finally:
+            # Like Go: the peer went away, so stop and close; handlers keep running.
+            conn.close()
+        if decoder.pending_bytes:
+            log.debug("ttrpc: connection ended inside a frame (%d bytes)", decoder.pending_bytes)
+
+    def _on_event(
+        self, conn: _Connection, event: Frame | OversizedFrame, handlers: trio.Nursery
+    ) -> None:
+        # Replies are written from tasks so the reader never blocks on a write.
+        def reply(code: Code, message: str) -> None:
+            frame = encode_response(event.stream_id, status=Status(code=code, message=message))
+            handlers.start_soon(conn.send, frame)
+
+        if isinstance(event, OversizedFrame):
+            reply(
+                Code.RESOURCE_EXHAUSTED,
+                f"message length {event.length} exceed maximum message size of "
+                f"{MESSAGE_LENGTH_MAX}",
+            )
+            return
+        if event.type not in (MessageType.REQUEST, MessageType.DATA):
+            return  # unknown types are ignored for future compatibility
+        if event.stream_id % 2 != 1:
+            reply(Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams")
+            return
+        if event.type == MessageType.DATA:
+            # Only unary methods exist here, so no stream is ever open for data.
+            reply(Code.INVALID_ARGUMENT, "StreamID is no longer active")
+            return
+        try:
+            req = decode_request(event.data)
+        except MalformedMessageError as exc:
+            reply(Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
+            return
+        handlers.start_soon(self._handle, conn, event.stream_id, req)
+
+    async def _handle(self, conn: _Connection, stream_id: int, req: Request) -> None:
+        metadata: dict[str, list[str]] = {}
+        for kv in req.metadata:
+            metadata.setdefault(kv.key.lower(), []).append(kv.value)
+        deadline = trio.current_time() + req.timeout_nano / 1e9 if req.timeout_nano != 0 else None
+        ctx = RequestContext(
+            service=req.service,
+            method=req.method,
+            stream_id=stream_id,
+            metadata=metadata,
+            deadline=deadline,
+            peer_pid=conn.peer_pid,
+            disconnected=conn.disconnected,
+        )
+        try:
+            payload = await self._dispatch(req, ctx)
+            try:
+                frame = encode_response(stream_id, payload=payload)
+            except OversizedMessageError as exc:
+                # Never emit > 4 MiB: a ttrpc 1.1 containerd would panic on it.
+                raise TTRPCError(Code.RESOURCE_EXHAUSTED, str(exc)) from None
+        except TTRPCError as err:
+            status = err.to_status()
+            # A huge error text must not turn into an oversized frame either.
+            status.message = status.message[: MESSAGE_LENGTH_MAX // 8]
+            frame = encode_response(stream_id, status=status)
+        await conn.send(frame)
+
+    async def _dispatch(self, req: Request, ctx: RequestContext) -> bytes:
+        """Run the handler; return the serialized response or raise TTRPCError."""
+        service = self._services.get(req.service)
+        if service is None:
+            raise TTRPCError(Code.UNIMPLEMENTED, f"service {req.service}")
+        method = service.get(req.method)
+        if method is None:
+            raise TTRPCError(Code.UNIMPLEMENTED, f"method {req.method}")
+        try:
+            request = method.request_type.FromString(req.payload)
+        except DecodeError as exc:
+            raise TTRPCError(Code.INTERNAL, f"ttrpc: error unmarshalling payload: {exc}") from None
+        try:
+            deadline = math.inf if ctx.deadline is None else ctx.deadline
+            with trio.CancelScope(deadline=deadline) as scope:
+                result = await method.handler(request, ctx)
+            if scope.cancelled_caught:
+                raise TTRPCError(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
+            if not isinstance(result, Message):
+                raise TypeError(f"ttrpc: handler returned {type(result).__name__}, not a message")
+            payload = result.SerializeToString()
+        except Exception as exc:
+            if not isinstance(exc, TTRPCError):
+                log.exception("ttrpc: %s/%s failed", req.service, req.method)
+            raise error_from_exception(exc) from None
+        return payload
+
+
+def _as_trio_socket(sock: trio.socket.SocketType | socket.socket) -> trio.socket.SocketType:
+    if isinstance(sock, socket.socket):
+        return trio.socket.from_stdlib_socket(sock)
+    return sock
