@@ -1,0 +1,84 @@
+"""Files the shim keeps in the bundle directory, so that ``delete`` (a separate,
+short-lived process) and a later containerd can find what the daemon knew.
+
+Plain files, no protobuf: ``start`` and ``delete`` import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from shimv2.options import ShimOptions
+
+OPTIONS_FILE = "options.json"
+EXIT_FILE = "init.exit.json"
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    pid: int
+    status: int
+    exited_at_ns: int
+
+
+def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    """Write via a temporary file and rename, so readers never see a partial file."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def read_pid(path: str) -> int:
+    """A runc pid file (decimal, no newline); 0 when absent or unreadable."""
+    text = read_text(path)
+    try:
+        return int(text.strip()) if text else 0
+    except ValueError:
+        return 0
+
+
+def write_runc_options(bundle: str, options: ShimOptions) -> None:
+    write_atomic(os.path.join(bundle, OPTIONS_FILE), options.to_json(), mode=0o600)
+
+
+def read_runc_options(bundle: str) -> ShimOptions:
+    text = read_text(os.path.join(bundle, OPTIONS_FILE))
+    if not text:
+        return ShimOptions()
+    try:
+        return ShimOptions.from_json(text)
+    except (ValueError, TypeError):
+        return ShimOptions()
+
+
+def write_exit(bundle: str, record: ExitRecord) -> None:
+    write_atomic(os.path.join(bundle, EXIT_FILE), json.dumps(asdict(record)))
+
+
+def read_exit(bundle: str) -> ExitRecord | None:
+    text = read_text(os.path.join(bundle, EXIT_FILE))
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        return ExitRecord(int(data["pid"]), int(data["status"]), int(data["exited_at_ns"]))
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,99 @@
+"""A container: its bundle, runc handle, init and exec processes, and the
+nursery its background work (copy loops, exit handling) lives in."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import trio
+
+from shimv2 import mount
+from shimv2.options import ShimOptions
+from shimv2.process import Process
+from shimv2.runc import Runc
+
+log = logging.getLogger(__name__)
+
+
+def has_own_pid_namespace(bundle: str) -> bool:
+    """True when config.json gives the container a new PID namespace (no path).
+
+    Without one, the processes left when the init exits must be killed by us;
+    any doubt counts as "not own" so that they are.
+    """
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+        namespaces = spec["linux"]["namespaces"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+
+
+class Container:
+    def __init__(
+        self,
+        container_id: str,
+        bundle: str,
+        namespace: str,
+        options: ShimOptions,
+        runc: Runc,
+        init: Process,
+    ) -> None:
+        self.id = container_id
+        self.bundle = bundle
+        self.namespace = namespace
+        self.options = options
+        self.runc = runc
+        self.init = init
+        self.execs: dict[str, Process] = {}
+        self.mounted_rootfs = False
+        self.own_pid_namespace = has_own_pid_namespace(bundle)
+        self._nursery: trio.Nursery | None = None
+        self._cancel = trio.CancelScope()
+
+    @property
+    def rootfs(self) -> str:
+        return os.path.join(self.bundle, "rootfs")
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None, "container not running"
+        return self._nursery
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the container's background tasks until :meth:`close`."""
+        with self._cancel:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+
+    def process(self, exec_id: str) -> Process | None:
+        return self.execs.get(exec_id) if exec_id else self.init
+
+    def mount_rootfs(self, mounts: list[mount.Mount]) -> None:
+        if not mounts:
+            return
+        os.makedirs(self.rootfs, mode=0o711, exist_ok=True)
+        try:
+            for m in mounts:
+                mount.mount(m, self.rootfs)
+                self.mounted_rootfs = True
+        except OSError:
+            self.unmount_rootfs()
+            raise
+
+    def unmount_rootfs(self) -> None:
+        if self.mounted_rootfs:
+            mount.unmount_all(self.rootfs)
+            self.mounted_rootfs = False
+
+    def close(self) -> None:
+        """Release stdio and stop background work; the container is gone."""
+        for process in [self.init, *self.execs.values()]:
+            if process.io is not None:
+                process.io.close()
+        self._cancel.cancel()

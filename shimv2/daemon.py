@@ -1,0 +1,115 @@
+"""The long-lived shim daemon (spec: shim-contract.md §5).
+
+``start`` spawned us with the listening socket as fd 3 and /dev/null for stdio,
+in the bundle directory. We become the child subreaper, send our log to the
+bundle's ``log`` FIFO, serve the Task API until Shutdown (or SIGTERM), then
+flush events, remove the socket and exit. Containers outlive the daemon's
+connections to containerd: a closed connection is never a reason to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import socket
+import sys
+
+import trio
+
+from shimv2.cli import Flags
+from shimv2.events import Publisher
+from shimv2.reaper import Reaper
+from shimv2.service import TASK_SERVICES, TaskService
+from shimv2.shimlog import setup_logging
+from shimv2.ttrpc import Server
+
+log = logging.getLogger("shimv2")
+
+PR_SET_CHILD_SUBREAPER = 36
+LISTENER_FD = 3
+EVENT_FLUSH_TIMEOUT = 5.0
+
+
+def become_subreaper() -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _listener(flags: Flags) -> socket.socket:
+    if flags.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(flags.socket)
+        os.chmod(flags.socket, 0o600)
+        sock.listen(128)
+        return sock
+    return socket.socket(fileno=LISTENER_FD)
+
+
+def _socket_path(flags: Flags) -> str:
+    """Read once at start-up: in a grouped shim our cwd bundle may be deleted first."""
+    if flags.socket:
+        return flags.socket
+    try:
+        with open("address") as f:
+            return f.read().strip().removeprefix("unix://")
+    except OSError:
+        return ""
+
+
+async def serve(flags: Flags, listener: socket.socket, socket_path: str) -> None:
+    reaper = Reaper()
+    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
+    shutdown = trio.Event()
+    server = Server()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)
+        service = TaskService(
+            namespace=flags.namespace,
+            reaper=reaper,
+            publisher=publisher,
+            nursery=nursery,
+            on_shutdown=shutdown.set,
+        )
+        for name in TASK_SERVICES:
+            server.register_service(name, service.methods())
+        nursery.start_soon(publisher.run)
+        await nursery.start(server.serve, trio.socket.from_stdlib_socket(listener))
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received signal %d, shutting down", signum)
+                    shutdown.set()
+
+        nursery.start_soon(stop_on_signal)
+        log.info("serving %s (pid %d)", socket_path, os.getpid())
+        await shutdown.wait()
+        # Let the Shutdown response reach containerd before the socket goes away.
+        await trio.sleep(0.05)
+        if socket_path:
+            with contextlib.suppress(OSError):
+                os.unlink(socket_path)
+        if not await publisher.flush(EVENT_FLUSH_TIMEOUT):
+            log.warning("exiting with %d undelivered events", publisher.pending)
+        nursery.cancel_scope.cancel()
+
+
+def run(flags: Flags) -> int:
+    if not flags.namespace:
+        sys.stderr.write("shim namespace cannot be empty\n")
+        return 1
+    setup_logging(flags)
+    try:
+        become_subreaper()
+        listener = _listener(flags)
+        trio.run(serve, flags, listener, _socket_path(flags))
+    except Exception:
+        log.exception("shim daemon failed")
+        return 1
+    log.info("shim exited")
+    return 0

@@ -1,0 +1,246 @@
+"""The binary contract: ``start``, ``delete`` and ``-info`` (spec: shim-contract.md §4, §6).
+
+``start`` runs on containerd's critical path and must return in milliseconds:
+it imports neither trio nor protobuf. It binds the shim socket, forks the
+daemon with the listener as fd 3, writes ``address`` and ``shim.pid`` into the
+bundle and prints the address. stdout and stderr are one pipe that containerd
+reads to EOF and uses verbatim, so nothing else may be written there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from shimv2 import bundle as bundlefiles
+from shimv2.cli import Flags
+
+SOCKET_DIR = "/run/containerd/s"
+# Annotations that put several containers into one shim (first present wins).
+GROUP_ANNOTATIONS = (
+    "io.containerd.pyshim.v2.group",
+    "io.containerd.runc.v2.group",
+    "io.kubernetes.cri.sandbox-id",
+)
+_UNIX_PREFIX = "unix://"
+
+
+class StartError(Exception):
+    pass
+
+
+def group_id(bundle: str, container_id: str) -> str:
+    """The id a shim socket is named after: a pod's sandbox id, or the container's own."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            annotations = json.load(f).get("annotations") or {}
+    except (OSError, ValueError):
+        return container_id
+    for key in GROUP_ANNOTATIONS:
+        value = annotations.get(key)
+        if value:
+            return str(value)
+    return container_id
+
+
+def socket_path(address: str, namespace: str, group: str) -> str:
+    """``/run/containerd/s/<sha256(join(address, ns, group))>`` exactly as containerd names it."""
+    joined = os.path.normpath(os.path.join(address, namespace, group))
+    return os.path.join(SOCKET_DIR, hashlib.sha256(joined.encode()).hexdigest())
+
+
+def _serving(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def bind_socket(path: str) -> socket.socket | None:
+    """Listen on ``path``; None when a live shim already serves it (grouped containers)."""
+    os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
+    for _ in range(2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if _serving(path):
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale socket of a dead shim
+            continue
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        return sock
+    raise StartError(f"socket {path} is in use")
+
+
+def _spawn_daemon(flags: Flags, listener: socket.socket) -> int:
+    argv = [
+        sys.executable,
+        os.path.abspath(sys.argv[0]),
+        "-namespace",
+        flags.namespace,
+        "-id",
+        flags.id,
+        "-address",
+        flags.address,
+    ]
+    if flags.debug:
+        argv.append("-debug")
+    # The daemon gets /dev/null for stdio (containerd reads start's pipe to EOF)
+    # and the listening socket as fd 3; every other fd is close-on-exec.
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_DUP2, listener.fileno(), 3),
+    ]
+    return os.posix_spawn(
+        sys.executable,
+        argv,
+        dict(os.environ),
+        file_actions=actions,
+        setpgroup=0,
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+    )
+
+
+def _adjust_oom_score(pid: int) -> None:
+    """containerd's oom_score_adj + 1, so the kernel kills the shim before containerd."""
+    try:
+        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+            score = min(int(f.read().strip()) + 1, 1000)
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(score))
+    except (OSError, ValueError):
+        pass  # unprivileged or containerd gone: the Go shim ignores this too
+
+
+def start(flags: Flags) -> int:
+    if not flags.namespace:
+        sys.stderr.write("shim namespace cannot be empty\n")
+        return 1
+    if not flags.id:
+        sys.stderr.write("shim id cannot be empty\n")
+        return 1
+    bundle = os.getcwd()
+    # containerd writes the runtime options on stdin; they are read again from
+    # Create, so start only drains them.
+    with contextlib.suppress(OSError):
+        sys.stdin.buffer.read()
+    path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id))
+    address = _UNIX_PREFIX + path
+    pid = 0
+    listener: socket.socket | None = None
+    try:
+        listener = bind_socket(path)
+        if listener is not None:
+            pid = _spawn_daemon(flags, listener)
+            listener.close()
+            _adjust_oom_score(pid)
+            bundlefiles.write_atomic(os.path.join(bundle, "shim.pid"), str(pid))
+        bundlefiles.write_atomic(os.path.join(bundle, "address"), address)
+    except Exception as exc:
+        if pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        sys.stderr.write(f"failed to start shim: {exc}\n")
+        return 1
+    os.write(1, address.encode())
+    return 0
+
+
+# -- delete -------------------------------------------------------------------
+
+
+def _unmount_all(target: str) -> None:
+    """Unmount every mount stacked on ``target`` (retrying EBUSY), as runc's shim does."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    busy = 0
+    while True:
+        if libc.umount2(target.encode(), 0) == 0:
+            continue
+        err = ctypes.get_errno()
+        if err == errno.EBUSY and busy < 50:
+            busy += 1
+            time.sleep(0.05)
+            continue
+        if err not in (errno.EINVAL, errno.ENOENT):
+            sys.stderr.write(f"failed to unmount {target}: {os.strerror(err)}\n")
+        return
+
+
+def _remove_dead_socket(bundle: str) -> None:
+    """Remove the shim socket when no daemon serves it any more (a grouped one may)."""
+    address = bundlefiles.read_text(os.path.join(bundle, "address"))
+    if not address or not address.startswith(_UNIX_PREFIX):
+        return
+    path = address[len(_UNIX_PREFIX) :]
+    if path.startswith(SOCKET_DIR + "/") and os.path.exists(path) and not _serving(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def delete(flags: Flags) -> int:
+    """Clean up after a shim that containerd can no longer reach; idempotent."""
+    from shimv2.api.containerd.task.v2 import shim_pb2
+    from shimv2.runc import runc_delete_force_sync
+
+    bundle = flags.bundle or os.getcwd()
+    exit_info = None
+    lock_fd = -1
+    with contextlib.suppress(OSError):
+        lock_fd = os.open(bundle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # two concurrent deletes run one after the other
+    try:
+        options = bundlefiles.read_runc_options(bundle)
+        warning = runc_delete_force_sync(options, flags.namespace, bundle, flags.id)
+        if warning:
+            sys.stderr.write(warning + "\n")
+        _unmount_all(os.path.join(bundle, "rootfs"))
+        _remove_dead_socket(bundle)
+        exit_info = bundlefiles.read_exit(bundle)
+        pid = bundlefiles.read_pid(os.path.join(bundle, "init.pid"))
+    finally:
+        if lock_fd >= 0:
+            os.close(lock_fd)
+    response = shim_pb2.DeleteResponse(pid=max(pid, 0))
+    if exit_info is not None:
+        response.exit_status = exit_info.status
+        response.exited_at.FromNanoseconds(exit_info.exited_at_ns)
+    else:
+        response.exit_status = 128 + signal.SIGKILL
+        response.exited_at.FromNanoseconds(time.time_ns())
+    sys.stdout.buffer.write(response.SerializeToString())
+    sys.stdout.flush()
+    return 0
+
+
+def info() -> int:
+    """``-info`` (containerd 2.x): describe the runtime; never starts a daemon."""
+    with contextlib.suppress(OSError):
+        sys.stdin.buffer.read()
+    return 0

@@ -1,0 +1,180 @@
+"""Runtime options: what arrives from containerd, reduced to what the shim uses.
+
+Options come as a ``google.protobuf.Any`` of one of several types depending on
+the client (spec: shim-contract.md §11): ``containerd.runc.v1.Options``,
+the legacy ``containerd.linux.runc.CreateOptions`` / ``RuncOptions`` (other
+field numbers!), or CRI's ``runtimeoptions.v1.Options`` pointing at a TOML
+config. All are mapped onto one ``ShimOptions``, persisted as JSON in the
+bundle for ``delete``. Protobuf is imported lazily: ``delete`` only reads JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUNC_ROOT = "/run/containerd/runc"
+
+RUNC_OPTIONS = "containerd.runc.v1.Options"
+LEGACY_CREATE_OPTIONS = "containerd.linux.runc.CreateOptions"
+LEGACY_RUNC_OPTIONS = "containerd.linux.runc.RuncOptions"
+RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
+
+# TOML keys (Go field names of runc Options, matched case-insensitively) → our fields.
+_TOML_KEYS = {
+    "binaryname": "binary_name",
+    "root": "root",
+    "systemdcgroup": "systemd_cgroup",
+    "nopivotroot": "no_pivot_root",
+    "nonewkeyring": "no_new_keyring",
+    "shimcgroup": "shim_cgroup",
+    "iouid": "io_uid",
+    "iogid": "io_gid",
+    "criupath": "criu_path",
+    "criuimagepath": "criu_image_path",
+    "criuworkpath": "criu_work_path",
+}
+_TOML_IGNORED = {"typeurl", "configpath"}
+
+
+@dataclass
+class ShimOptions:
+    binary_name: str = ""
+    root: str = ""
+    systemd_cgroup: bool = False
+    no_pivot_root: bool = False
+    no_new_keyring: bool = False
+    shim_cgroup: str = ""
+    io_uid: int = 0
+    io_gid: int = 0
+    criu_path: str = ""
+    criu_image_path: str = ""
+    criu_work_path: str = ""
+
+    @property
+    def runc_binary(self) -> str:
+        return self.binary_name or "runc"
+
+    def runc_root(self, namespace: str) -> str:
+        return f"{self.root or DEFAULT_RUNC_ROOT}/{namespace}"
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v})
+
+    @classmethod
+    def from_json(cls, text: str) -> ShimOptions:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def type_name(type_url: str) -> str:
+    """Compare type URLs on the part after the last '/' (tolerates a googleapis prefix)."""
+    return type_url.rsplit("/", 1)[-1]
+
+
+def from_toml(text: str) -> ShimOptions:
+    options = ShimOptions()
+    for key, value in tomllib.loads(text).items():
+        norm = key.replace("_", "").lower()
+        attr = _TOML_KEYS.get(norm)
+        if attr is None:
+            if norm not in _TOML_IGNORED:
+                log.info("ignoring unknown runtime option %r", key)
+            continue
+        expected = type(getattr(options, attr))
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"runtime option {key!r} must be {expected.__name__}")
+        setattr(options, attr, value)
+    return options
+
+
+def from_any(type_url: str, value: bytes) -> ShimOptions:
+    """Decode options from an Any; absent or unknown types give the defaults.
+
+    Raises ValueError for a payload of a known type that does not decode.
+    """
+    name = type_name(type_url)
+    if not name:
+        return ShimOptions()
+    from google.protobuf.message import DecodeError
+
+    try:
+        if name == RUNC_OPTIONS:
+            return _from_runc(value)
+        if name == LEGACY_CREATE_OPTIONS:
+            return _from_legacy_create(value)
+        if name == LEGACY_RUNC_OPTIONS:
+            return _from_legacy_runc(value)
+        if name == RUNTIME_OPTIONS:
+            return _from_runtime_options(value)
+    except DecodeError as exc:
+        raise ValueError(f"cannot decode {name}: {exc}") from exc
+    log.warning("ignoring runtime options of unknown type %r", type_url)
+    return ShimOptions()
+
+
+def _from_runc(value: bytes) -> ShimOptions:
+    from shimv2.api.containerd.runc.options import oci_pb2
+
+    o: Any = oci_pb2.Options.FromString(value)
+    return ShimOptions(
+        binary_name=o.binary_name,
+        root=o.root,
+        systemd_cgroup=o.systemd_cgroup,
+        no_pivot_root=o.no_pivot_root,
+        no_new_keyring=o.no_new_keyring,
+        shim_cgroup=o.shim_cgroup,
+        io_uid=o.io_uid,
+        io_gid=o.io_gid,
+        criu_path=o.criu_path,
+        criu_image_path=o.criu_image_path,
+        criu_work_path=o.criu_work_path,
+    )
+
+
+def _from_legacy_create(value: bytes) -> ShimOptions:
+    from shimv2.api.containerd.linux.runctypes import runc_pb2
+
+    o: Any = runc_pb2.CreateOptions.FromString(value)
+    return ShimOptions(
+        no_pivot_root=o.no_pivot_root,
+        no_new_keyring=o.no_new_keyring,
+        shim_cgroup=o.shim_cgroup,
+        io_uid=o.io_uid,
+        io_gid=o.io_gid,
+        criu_image_path=o.criu_image_path,
+        criu_work_path=o.criu_work_path,
+    )
+
+
+def _from_legacy_runc(value: bytes) -> ShimOptions:
+    from shimv2.api.containerd.linux.runctypes import runc_pb2
+
+    o: Any = runc_pb2.RuncOptions.FromString(value)
+    return ShimOptions(
+        binary_name=o.runtime,
+        root=o.runtime_root,
+        criu_path=o.criu_path,
+        systemd_cgroup=o.systemd_cgroup,
+    )
+
+
+def _from_runtime_options(value: bytes) -> ShimOptions:
+    from shimv2.api.runtimeoptions.v1 import api_pb2
+
+    o: Any = api_pb2.Options.FromString(value)
+    if o.config_path:
+        try:
+            with open(o.config_path) as f:
+                return from_toml(f.read())
+        except OSError as exc:
+            raise ValueError(f"cannot read runtime config {o.config_path}: {exc}") from exc
+    if o.config_body:
+        return from_toml(o.config_body.decode())
+    return ShimOptions()

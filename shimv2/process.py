@@ -1,0 +1,120 @@
+"""Per-process state machine for a container's init and its execs.
+
+created → running ⇄ paused → stopped → deleted (spec: task-api.md §2). The
+transition checks raise the errors containerd expects (plain texts are
+UNKNOWN, as the Go shim sends them); the service does the work in between.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import trio
+
+from shimv2.stdio import PipeIO, StdioSpec
+from shimv2.ttrpc import TTRPCError, status
+
+# Go's zero time (0001-01-01T00:00:00Z): "has not exited" on the wire.
+ZERO_TIME_NS = -62135596800 * 1_000_000_000
+
+
+class Status(IntEnum):
+    """containerd.v1.types.Status."""
+
+    UNKNOWN = 0
+    CREATED = 1
+    RUNNING = 2
+    STOPPED = 3
+    PAUSED = 4
+    PAUSING = 5
+
+
+_NAMES = {
+    Status.CREATED: "created",
+    Status.RUNNING: "running",
+    Status.STOPPED: "stopped",
+    Status.PAUSED: "paused",
+    Status.PAUSING: "pausing",
+}
+
+
+class Process:
+    def __init__(self, container_id: str, exec_id: str, stdio: StdioSpec) -> None:
+        self.container_id = container_id
+        self.exec_id = exec_id
+        self.stdio = stdio
+        self.pid = 0
+        self.status = Status.CREATED
+        self.deleted = False
+        self.exit_status = 0
+        self.exited_at_ns: int | None = None
+        self.exited = trio.Event()
+        self.io: PipeIO | None = None
+
+    @property
+    def id(self) -> str:
+        """The id events and State use: the container id for the init, else the exec id."""
+        return self.exec_id or self.container_id
+
+    @property
+    def is_init(self) -> bool:
+        return not self.exec_id
+
+    @property
+    def exited_at_or_zero(self) -> int:
+        return ZERO_TIME_NS if self.exited_at_ns is None else self.exited_at_ns
+
+    def _state_name(self) -> str:
+        return "deleted" if self.deleted else _NAMES.get(self.status, "unknown")
+
+    def check_start(self) -> None:
+        if self.deleted or self.status != Status.CREATED:
+            raise status.unknown(f"cannot start a {self._state_name()} process")
+
+    def check_delete(self) -> None:
+        if self.deleted:
+            raise status.not_found(f"cannot delete a {self._state_name()} process")
+        if self.status in (Status.RUNNING, Status.PAUSED, Status.PAUSING):
+            raise status.unknown(f"cannot delete a {self._state_name()} process")
+
+    def check_kill(self) -> None:
+        if self.deleted:
+            raise status.not_found("cannot kill a deleted process")
+        if not self.is_init:
+            if self.status == Status.CREATED or not self.pid:
+                raise status.failed_precondition("process not created")
+            if self.status == Status.STOPPED:
+                raise status.not_found("process already finished")
+
+    def set_running(self, pid: int) -> None:
+        self.pid = pid
+        if self.status == Status.CREATED:
+            self.status = Status.RUNNING
+
+    def set_exited(self, exit_status: int, exited_at_ns: int) -> None:
+        """Record the exit and release every Wait."""
+        if self.exited.is_set():
+            return
+        self.status = Status.STOPPED
+        self.exit_status = exit_status
+        self.exited_at_ns = exited_at_ns
+        self.exited.set()
+
+    def mark_deleted(self) -> None:
+        """Deleted without ever exiting (a created init): release waiters too."""
+        self.deleted = True
+        if not self.exited.is_set():
+            self.status = Status.STOPPED
+            self.exited.set()
+
+
+def kill_error(exc: Exception) -> TTRPCError:
+    """Map a failed kill to what containerd expects (NOT_FOUND means "already dead")."""
+    text = str(exc).lower()
+    if any(
+        s in text for s in ("os: process already finished", "container not running", "no such process")
+    ):
+        return status.not_found("process already finished")
+    if "does not exist" in text:
+        return status.not_found("no such container")
+    return status.unknown(f"unknown error after kill: {exc}")

@@ -1,0 +1,246 @@
+"""Async wrapper over the runc command line (spec: task-api.md §3.17).
+
+Every runc child is spawned and reaped through the :class:`~shimv2.reaper.Reaper`.
+Errors carry the message runc logged (the last ``"level":"error"`` line of
+``--log``), not its stderr: for create/exec runc's stdio is the container's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+
+import logging
+
+import trio
+
+from shimv2.options import ShimOptions
+from shimv2.reaper import Reaper
+
+log = logging.getLogger(__name__)
+
+
+class RuncError(Exception):
+    """A runc command failed; ``message`` is runc's own error text."""
+
+    def __init__(self, command: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.command = command
+        self.message = message
+        self.status = status
+
+
+def runc_env() -> dict[str, str]:
+    """The shim's environment minus NOTIFY_SOCKET (runc would try to use it)."""
+    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+
+
+def last_runc_error(log_path: str, offset: int = 0) -> str:
+    """The ``msg`` of the last error line runc wrote to its JSON log after ``offset``."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") == "error":
+            return str(entry.get("msg", ""))
+    return ""
+
+
+def _log_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+class Runc:
+    def __init__(
+        self, reaper: Reaper, options: ShimOptions, namespace: str, bundle: str
+    ) -> None:
+        self._reaper = reaper
+        self.binary = options.runc_binary
+        self.root = options.runc_root(namespace)
+        self.log_path = os.path.join(bundle, "log.json")
+        self._global = ["--root", self.root, "--log", self.log_path, "--log-format", "json"]
+        if options.criu_path:
+            self._global += ["--criu", options.criu_path]
+        if options.systemd_cgroup:
+            self._global.append("--systemd-cgroup")
+
+    async def _run(
+        self,
+        args: Sequence[str],
+        *,
+        stdio: Mapping[int, int | None] | None = None,
+        input: bytes | None = None,
+    ) -> bytes:
+        """Run ``runc <global> <args>``; return its combined output, raise RuncError on failure.
+
+        With ``stdio`` the child's fds 0-2 are the given (container) fds and its
+        output is not captured: runc hands them on to the container process.
+        """
+        command = args[0]
+        argv = [self.binary, *self._global, *args]
+        offset = _log_size(self.log_path)
+        out_r = out_w = in_r = in_w = -1
+        try:
+            if stdio is None:
+                out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                fds: dict[int, int | None] = {1: out_w, 2: out_w}
+                if input is not None:
+                    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+                    fds[0] = in_r
+            else:
+                fds = dict(stdio)
+            try:
+                child = self._reaper.spawn(argv, env=runc_env(), fds=fds)
+            except OSError as exc:
+                raise RuncError(command, f"cannot run {self.binary}: {exc.strerror}", -1) from exc
+            log.debug("runc %s: pid %d", command, child.pid)
+            for fd in (out_w, in_r):
+                if fd >= 0:
+                    os.close(fd)
+            out_w = in_r = -1
+            output = b""
+            async with trio.open_nursery() as nursery:
+                if in_w >= 0:
+                    nursery.start_soon(_feed, in_w, input or b"")
+                    in_w = -1  # owned by _feed now
+                if out_r >= 0:
+                    output = await _read_all(out_r)
+                    out_r = -1
+                status = await child.wait()
+        finally:
+            for fd in (out_r, out_w, in_r, in_w):
+                if fd >= 0:
+                    os.close(fd)
+        if status != 0:
+            message = last_runc_error(self.log_path, offset)
+            if not message:
+                text = output.decode(errors="replace").strip()
+                message = f"{self.binary} did not terminate successfully: exit status {status}"
+                if text:
+                    message += f": {text}"
+            raise RuncError(command, message, status)
+        return output
+
+    async def create(
+        self,
+        container_id: str,
+        bundle: str,
+        pid_file: str,
+        stdio: Mapping[int, int | None],
+        *,
+        console_socket: str = "",
+        no_pivot: bool = False,
+        no_new_keyring: bool = False,
+    ) -> None:
+        args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if no_pivot:
+            args.append("--no-pivot")
+        if no_new_keyring:
+            args.append("--no-new-keyring")
+        await self._run([*args, container_id], stdio=stdio)
+
+    async def start(self, container_id: str) -> None:
+        await self._run(["start", container_id])
+
+    async def exec(
+        self,
+        container_id: str,
+        process_file: str,
+        pid_file: str,
+        stdio: Mapping[int, int | None],
+        *,
+        console_socket: str = "",
+    ) -> None:
+        args = ["exec", "--process", process_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        args += ["--detach", "--pid-file", pid_file, container_id]
+        await self._run(args, stdio=stdio)
+
+    async def kill(self, container_id: str, signal: int, *, all: bool = False) -> None:
+        args = ["kill", *(["--all"] if all else []), container_id, str(signal)]
+        await self._run(args)
+
+    async def delete(self, container_id: str, *, force: bool = False) -> None:
+        await self._run(["delete", *(["--force"] if force else []), container_id])
+
+    async def ps(self, container_id: str) -> list[int]:
+        output = await self._run(["ps", "--format", "json", container_id])
+        try:
+            pids = json.loads(output or b"[]")
+        except ValueError as exc:
+            raise RuncError("ps", f"unexpected runc ps output: {output[:200]!r}", 0) from exc
+        return [int(p) for p in pids or []]
+
+    async def pause(self, container_id: str) -> None:
+        await self._run(["pause", container_id])
+
+    async def resume(self, container_id: str) -> None:
+        await self._run(["resume", container_id])
+
+    async def update(self, container_id: str, resources_json: bytes) -> None:
+        await self._run(["update", "--resources", "-", container_id], input=resources_json)
+
+
+async def _read_all(fd: int) -> bytes:
+    chunks = []
+    async with trio.lowlevel.FdStream(fd) as stream:
+        while chunk := await stream.receive_some(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _feed(fd: int, data: bytes) -> None:
+    async with trio.lowlevel.FdStream(fd) as stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(data)
+
+
+def runc_delete_force_sync(
+    options: ShimOptions, namespace: str, bundle: str, container_id: str
+) -> str | None:
+    """``runc delete --force`` for the ``delete`` action (no event loop there).
+
+    Returns a warning for stderr, or None; a container runc no longer knows is fine.
+    """
+    log_path = os.path.join(bundle, "log.json")
+    argv = [
+        options.runc_binary,
+        "--root",
+        options.runc_root(namespace),
+        "--log",
+        log_path,
+        "--log-format",
+        "json",
+        "delete",
+        "--force",
+        container_id,
+    ]
+    offset = _log_size(log_path)
+    try:
+        result = subprocess.run(
+            argv, env=runc_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"runc delete --force {container_id}: {exc}"
+    if result.returncode == 0:
+        return None
+    message = last_runc_error(log_path, offset) or result.stderr.decode(errors="replace").strip()
+    if "does not exist" in message or "not exist" in message:
+        return None
+    return f"runc delete --force {container_id}: {message}"

@@ -1,0 +1,400 @@
+"""The Task service: one method per RPC (spec: task-api.md §3).
+
+Handlers validate, find the container and process, drive runc, and publish
+events. Exit matching follows io-and-reaping.md §7.4: the reaper reports every
+exit synchronously; a process is matched once it is known to be started, and
+exits that race a Create/Start are collected by a subscriber and handled after
+the start event, so ``/tasks/exit`` never precedes ``/tasks/start``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+from collections.abc import Callable
+
+import trio
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from shimv2 import bundle as bundlefiles
+from shimv2 import options as shimoptions
+from shimv2.api.containerd.events import task_pb2 as events
+from shimv2.api.containerd.runc.options import oci_pb2
+from shimv2.api.containerd.task.v2 import shim_pb2 as api
+from shimv2.api.containerd.types.task import task_pb2 as tasktypes
+from shimv2.container import Container
+from shimv2.events import Publisher, pack
+from shimv2.mount import Mount
+from shimv2.process import Process, Status, kill_error
+from shimv2.reaper import Exit, Reaper
+from shimv2.runc import Runc, RuncError
+from shimv2.stdio import PipeIO, StdioSpec
+from shimv2.ttrpc import Code, Method, RequestContext, TTRPCError, status
+
+log = logging.getLogger(__name__)
+
+TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
+# containerd's identifier rule (identifiers/validate.go).
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+_MAX_ID = 76
+IO_FLUSH_TIMEOUT = 2.0
+
+ExitSubscriber = dict[int, list[Exit]]
+
+
+def validate_id(value: str, what: str = "container id") -> None:
+    if not value or len(value) > _MAX_ID or not _IDENTIFIER.match(value):
+        raise status.invalid_argument(f"invalid {what} {value!r}")
+
+
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
+
+
+class TaskService:
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        reaper: Reaper,
+        publisher: Publisher,
+        nursery: trio.Nursery,
+        on_shutdown: Callable[[], None],
+    ) -> None:
+        self.namespace = namespace
+        self.containers: dict[str, Container] = {}
+        self._creating: set[str] = set()
+        self._reaper = reaper
+        self._publisher = publisher
+        self._nursery = nursery
+        self._on_shutdown = on_shutdown
+        # pid -> processes known to be started with that pid
+        self._running: dict[int, list[tuple[Container, Process]]] = {}
+        self._subscribers: list[ExitSubscriber] = []
+        reaper.subscribe(self._on_exit)
+
+    def methods(self) -> dict[str, Method]:
+        return {
+            "Create": Method(api.CreateTaskRequest, self.create),
+            "Start": Method(api.StartRequest, self.start),
+            "Delete": Method(api.DeleteRequest, self.delete),
+            "State": Method(api.StateRequest, self.state),
+            "Wait": Method(api.WaitRequest, self.wait),
+            "Kill": Method(api.KillRequest, self.kill),
+            "Pids": Method(api.PidsRequest, self.pids),
+            "Connect": Method(api.ConnectRequest, self.connect),
+            "Shutdown": Method(api.ShutdownRequest, self.shutdown),
+        }
+
+    # -- lookups ----------------------------------------------------------------
+
+    def _container(self, container_id: str) -> Container:
+        container = self.containers.get(container_id)
+        if container is None:
+            raise status.not_found("container not created")
+        return container
+
+    def _process(self, container_id: str, exec_id: str) -> tuple[Container, Process]:
+        container = self._container(container_id)
+        process = container.process(exec_id)
+        if process is None:
+            raise status.not_found(f"process does not exist {exec_id}")
+        return container, process
+
+    # -- exit matching ----------------------------------------------------------
+
+    def _on_exit(self, e: Exit) -> None:
+        """Called by the reaper for every exit, synchronously."""
+        for subscriber in self._subscribers:
+            subscriber.setdefault(e.pid, []).append(e)
+        for container, process in self._running.pop(e.pid, []):
+            container.nursery.start_soon(self._handle_exit, container, process, e)
+
+    def _subscribe(self) -> ExitSubscriber:
+        subscriber: ExitSubscriber = {}
+        self._subscribers.append(subscriber)
+        return subscriber
+
+    def _unsubscribe(self, subscriber: ExitSubscriber) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(subscriber)
+
+    def _handle_started(
+        self, container: Container, process: Process, subscriber: ExitSubscriber
+    ) -> None:
+        """After the start event: handle an exit that raced the start, or watch the pid."""
+        self._unsubscribe(subscriber)
+        early = subscriber.get(process.pid) if process.pid else None
+        if early:
+            container.nursery.start_soon(self._handle_exit, container, process, early[0])
+        elif process.pid:
+            self._running.setdefault(process.pid, []).append((container, process))
+
+    def _forget(self, container: Container, process: Process) -> None:
+        entries = self._running.get(process.pid, [])
+        entries[:] = [(c, p) for c, p in entries if p is not process]
+        if not entries:
+            self._running.pop(process.pid, None)
+
+    async def _handle_exit(self, container: Container, process: Process, e: Exit) -> None:
+        if process.is_init and not container.own_pid_namespace:
+            # Without its own PID namespace nothing kills the init's descendants.
+            try:
+                await container.runc.kill(container.id, signal.SIGKILL, all=True)
+            except RuncError as exc:
+                log.warning("kill --all after init exit of %s: %s", container.id, exc)
+        if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
+            log.warning("%s: output still open %.0fs after exit", process.id, IO_FLUSH_TIMEOUT)
+        process.set_exited(e.status, e.timestamp_ns)
+        if process.is_init:
+            record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)
+            try:
+                bundlefiles.write_exit(container.bundle, record)
+            except OSError as exc:
+                log.error("cannot persist the exit of %s: %s", container.id, exc)
+        self._publisher.publish(
+            "/tasks/exit",
+            events.TaskExit(
+                container_id=container.id,
+                id=process.id,
+                pid=process.pid,
+                exit_status=e.status,
+                exited_at=_timestamp(e.timestamp_ns),
+            ),
+        )
+
+    # -- RPCs -------------------------------------------------------------------
+
+    async def create(
+        self, req: api.CreateTaskRequest, ctx: RequestContext
+    ) -> api.CreateTaskResponse:
+        validate_id(req.id)
+        if req.id in self.containers or req.id in self._creating:
+            raise status.already_exists(f"container {req.id}")
+        if not os.path.isabs(req.bundle) or not os.path.isdir(req.bundle):
+            raise status.invalid_argument(f"bundle {req.bundle!r} is not a directory")
+        if not os.path.isfile(os.path.join(req.bundle, "config.json")):
+            raise status.invalid_argument(f"bundle {req.bundle} has no config.json")
+        if req.terminal:
+            raise status.unimplemented("terminal (tty) containers")
+        if req.checkpoint:
+            raise status.unimplemented("restore from a checkpoint")
+        self._creating.add(req.id)
+        try:
+            container, subscriber = await self._create(req)
+        finally:
+            self._creating.discard(req.id)
+        init = container.init
+        self.containers[req.id] = container
+        self._publisher.publish(
+            "/tasks/create",
+            events.TaskCreate(
+                container_id=req.id,
+                bundle=req.bundle,
+                rootfs=req.rootfs,
+                io=events.TaskIO(
+                    stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal
+                ),
+                checkpoint=req.checkpoint,
+                pid=init.pid,
+            ),
+        )
+        self._handle_started(container, init, subscriber)
+        return api.CreateTaskResponse(pid=init.pid)
+
+    async def _create(self, req: api.CreateTaskRequest) -> tuple[Container, ExitSubscriber]:
+        try:
+            opts = shimoptions.from_any(req.options.type_url, req.options.value)
+        except ValueError as exc:
+            raise status.invalid_argument(str(exc)) from exc
+        bundlefiles.write_runc_options(req.bundle, opts)
+        stdio = StdioSpec(req.stdin, req.stdout, req.stderr, req.terminal)
+        init = Process(req.id, "", stdio)
+        runc = Runc(self._reaper, opts, self.namespace, req.bundle)
+        container = Container(req.id, req.bundle, self.namespace, opts, runc, init)
+        mounts = [Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
+        try:
+            await trio.to_thread.run_sync(container.mount_rootfs, mounts)
+        except OSError as exc:
+            raise status.unknown(f"failed to mount rootfs component: {exc}") from exc
+        subscriber = self._subscribe()
+        try:
+            init.io = PipeIO(stdio, opts.io_uid, opts.io_gid)
+            await self._nursery.start(container.run)
+            pid_file = os.path.join(req.bundle, "init.pid")
+            await runc.create(
+                req.id,
+                req.bundle,
+                pid_file,
+                init.io.runc_fds(),
+                no_pivot=opts.no_pivot_root,
+                no_new_keyring=opts.no_new_keyring,
+            )
+            init.io.close_after_start()
+            init.pid = bundlefiles.read_pid(pid_file)
+            init.io.start(container.nursery)
+        except BaseException as exc:
+            self._unsubscribe(subscriber)
+            container.close()
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(container.unmount_rootfs)
+            if isinstance(exc, RuncError):
+                raise status.unknown(f"OCI runtime create failed: {exc.message}") from exc
+            if isinstance(exc, OSError):
+                raise status.error_from_exception(exc) from exc
+            raise
+        return container, subscriber
+
+    async def start(self, req: api.StartRequest, ctx: RequestContext) -> api.StartResponse:
+        container, process = self._process(req.id, req.exec_id)
+        if not process.is_init:
+            raise status.unimplemented("exec processes")
+        process.check_start()
+        # An exit during `runc start` must wait until /tasks/start is published.
+        self._forget(container, process)
+        subscriber = self._subscribe()
+        try:
+            await container.runc.start(container.id)
+        except RuncError as exc:
+            self._handle_started(container, process, subscriber)
+            raise status.unknown(f"OCI runtime start failed: {exc.message}") from exc
+        except BaseException:
+            self._handle_started(container, process, subscriber)
+            raise
+        process.set_running(process.pid)
+        self._publisher.publish(
+            "/tasks/start", events.TaskStart(container_id=container.id, pid=process.pid)
+        )
+        self._handle_started(container, process, subscriber)
+        return api.StartResponse(pid=process.pid)
+
+    async def delete(self, req: api.DeleteRequest, ctx: RequestContext) -> api.DeleteResponse:
+        container, process = self._process(req.id, req.exec_id)
+        process.check_delete()
+        if process.io is not None:
+            await process.io.wait_output(IO_FLUSH_TIMEOUT)
+        if process.is_init:
+            await self._delete_container(container)
+        else:
+            if process.io is not None:
+                process.io.close()
+            process.mark_deleted()
+            container.execs.pop(process.exec_id, None)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(container.bundle, f"{process.exec_id}.pid"))
+        return api.DeleteResponse(
+            pid=process.pid,
+            exit_status=process.exit_status,
+            exited_at=_timestamp(process.exited_at_or_zero),
+        )
+
+    async def _delete_container(self, container: Container) -> None:
+        init = container.init
+        try:
+            await container.runc.delete(container.id)
+        except RuncError as exc:
+            if "does not exist" not in exc.message:
+                raise status.unknown(f"failed to delete task: {exc.message}") from exc
+        self._forget(container, init)
+        init.mark_deleted()
+        container.close()
+        del self.containers[container.id]
+        unmount_error = None
+        try:
+            await trio.to_thread.run_sync(container.unmount_rootfs)
+        except OSError as exc:
+            unmount_error = exc
+        self._publisher.publish(
+            "/tasks/delete",
+            events.TaskDelete(
+                container_id=container.id,
+                pid=init.pid,
+                exit_status=init.exit_status,
+                exited_at=_timestamp(init.exited_at_or_zero),
+            ),
+        )
+        if unmount_error is not None:
+            raise status.unknown(f"failed rootfs umount: {unmount_error}")
+
+    async def state(self, req: api.StateRequest, ctx: RequestContext) -> api.StateResponse:
+        container, process = self._process(req.id, req.exec_id)
+        state = process.status
+        if not process.is_init and container.init.status in (Status.PAUSED, Status.PAUSING):
+            state = container.init.status
+        return api.StateResponse(
+            id=process.id,
+            bundle=container.bundle,
+            pid=process.pid,
+            status=tasktypes.Status.Value(state.name),
+            stdin=process.stdio.stdin,
+            stdout=process.stdio.stdout,
+            stderr=process.stdio.stderr,
+            terminal=process.stdio.terminal,
+            exit_status=process.exit_status,
+            exited_at=_timestamp(process.exited_at_or_zero),
+            exec_id=process.exec_id,
+        )
+
+    async def wait(self, req: api.WaitRequest, ctx: RequestContext) -> api.WaitResponse:
+        _, process = self._process(req.id, req.exec_id)
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_disconnect() -> None:
+                await ctx.disconnected.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_disconnect)
+            await process.exited.wait()
+            nursery.cancel_scope.cancel()
+        if not process.exited.is_set():
+            raise TTRPCError(Code.CANCELLED, "connection closed")
+        return api.WaitResponse(
+            exit_status=process.exit_status,
+            exited_at=_timestamp(process.exited_at_or_zero),
+        )
+
+    async def kill(self, req: api.KillRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        container, process = self._process(req.id, req.exec_id)
+        process.check_kill()
+        if process.is_init:
+            try:
+                await container.runc.kill(container.id, req.signal, all=req.all)
+            except RuncError as exc:
+                raise kill_error(exc) from exc
+        else:
+            try:
+                os.kill(process.pid, req.signal)
+            except ProcessLookupError as exc:
+                raise kill_error(exc) from exc
+        return empty_pb2.Empty()
+
+    async def pids(self, req: api.PidsRequest, ctx: RequestContext) -> api.PidsResponse:
+        container = self._container(req.id)
+        try:
+            pids = await container.runc.ps(container.id)
+        except RuncError as exc:
+            raise status.unknown(exc.message) from exc
+        exec_ids = {p.pid: p.exec_id for p in container.execs.values() if p.pid}
+        processes = []
+        for pid in pids:
+            info = tasktypes.ProcessInfo(pid=pid)
+            if pid in exec_ids:
+                info.info.CopyFrom(pack(oci_pb2.ProcessDetails(exec_id=exec_ids[pid])))
+            processes.append(info)
+        return api.PidsResponse(processes=processes)
+
+    async def connect(self, req: api.ConnectRequest, ctx: RequestContext) -> api.ConnectResponse:
+        container = self.containers.get(req.id)
+        return api.ConnectResponse(
+            shim_pid=os.getpid(), task_pid=container.init.pid if container else 0
+        )
+
+    async def shutdown(self, req: api.ShutdownRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        if not self.containers and not self._creating:
+            self._on_shutdown()
+        return empty_pb2.Empty()
