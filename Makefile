@@ -1,0 +1,46 @@
+# pyshim — developer entry points.
+#   make test   install system deps if missing, build the venv, run unit + e2e tests
+#   make demo   same preparation, then run demo/demo.py against a private containerd
+#   make lint   ruff check, ruff format --check, mypy
+#   make proto  regenerate shimv2/api from proto/
+
+SHELL  := /bin/bash
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help deps venv test lint demo proto clean
+
+help:
+	@sed -n '2,6p' Makefile
+
+deps:
+	scripts/install-deps.sh
+
+venv: $(STAMP)
+
+# re-installs when the project metadata changes; the editable install puts the
+# console script containerd-shim-pyshim-v2 into $(VENV)/bin, which the e2e
+# harness and the demo put first on containerd's PATH
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+test: deps venv
+	$(VENV)/bin/pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy shimv2
+
+demo: deps venv
+	$(PY) demo/demo.py
+
+proto: venv
+	$(PY) -m tools.genproto
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

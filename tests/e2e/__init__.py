@@ -1,0 +1,1 @@
+"""End-to-end tests: a private containerd + real runc, for both shims."""
