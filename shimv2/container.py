@@ -49,10 +49,20 @@ class Container:
         self.runc = runc
         self.init = init
         self.execs: dict[str, Process] = {}
+        # Execs between Start and their exit being published; the init's exit
+        # waits for them so that its /tasks/exit comes last.
+        self.running_execs = 0
+        self.execs_idle = trio.Event()
+        self.execs_idle.set()
         self.mounted_rootfs = False
         self.own_pid_namespace = has_own_pid_namespace(bundle)
         self._nursery: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
+
+    @property
+    def io_owner(self) -> tuple[int, int]:
+        """uid and gid for the container's ends of its stdio pipes."""
+        return self.options.io_uid, self.options.io_gid
 
     @property
     def rootfs(self) -> str:
@@ -70,6 +80,19 @@ class Container:
                 self._nursery = nursery
                 task_status.started()
                 await trio.sleep_forever()
+
+    def exec_started(self) -> None:
+        self.running_execs += 1
+        self.execs_idle = trio.Event()
+
+    def exec_finished(self) -> None:
+        self.running_execs -= 1
+        if self.running_execs == 0:
+            self.execs_idle.set()
+
+    def background(self) -> trio.Nursery | None:
+        """The container's nursery, or None once it was closed."""
+        return None if self._cancel.cancel_called else self._nursery
 
     def process(self, exec_id: str) -> Process | None:
         return self.execs.get(exec_id) if exec_id else self.init

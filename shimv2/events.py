@@ -32,9 +32,7 @@ MAX_RETRY = 2.0
 
 def pack(message: Message) -> any_pb2.Any:
     """An Any with containerd's bare type URL (Any.Pack would add a prefix 1.6 rejects)."""
-    return any_pb2.Any(
-        type_url=message.DESCRIPTOR.full_name, value=message.SerializeToString()
-    )
+    return any_pb2.Any(type_url=message.DESCRIPTOR.full_name, value=message.SerializeToString())
 
 
 class Publisher:
@@ -47,9 +45,7 @@ class Publisher:
         self._idle.set()
 
     def publish(self, topic: str, event: Message) -> None:
-        envelope = events_pb2.Envelope(
-            namespace=self._namespace, topic=topic, event=pack(event)
-        )
+        envelope = events_pb2.Envelope(namespace=self._namespace, topic=topic, event=pack(event))
         envelope.timestamp.FromNanoseconds(time.time_ns())
         self._queue.append(envelope)
         self._idle = trio.Event() if self._idle.is_set() else self._idle

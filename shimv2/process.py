@@ -50,6 +50,8 @@ class Process:
         self.exited_at_ns: int | None = None
         self.exited = trio.Event()
         self.io: PipeIO | None = None
+        self.spec_json = b""  # an exec's OCI Process, as containerd sent it
+        self._stdin_close_requested = False
 
     @property
     def id(self) -> str:
@@ -86,6 +88,17 @@ class Process:
             if self.status == Status.STOPPED:
                 raise status.not_found("process already finished")
 
+    def attach_io(self, io: PipeIO) -> None:
+        self.io = io
+        if self._stdin_close_requested:
+            io.close_stdin()
+
+    def close_stdin(self) -> None:
+        """CloseIO; remembered when it arrives before the stdio exists (exec Start race)."""
+        self._stdin_close_requested = True
+        if self.io is not None:
+            self.io.close_stdin()
+
     def set_running(self, pid: int) -> None:
         self.pid = pid
         if self.status == Status.CREATED:
@@ -108,12 +121,13 @@ class Process:
             self.exited.set()
 
 
+_ALREADY_FINISHED = ("os: process already finished", "container not running", "no such process")
+
+
 def kill_error(exc: Exception) -> TTRPCError:
     """Map a failed kill to what containerd expects (NOT_FOUND means "already dead")."""
     text = str(exc).lower()
-    if any(
-        s in text for s in ("os: process already finished", "container not running", "no such process")
-    ):
+    if any(s in text for s in _ALREADY_FINISHED):
         return status.not_found("process already finished")
     if "does not exist" in text:
         return status.not_found("no such container")

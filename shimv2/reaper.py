@@ -73,34 +73,26 @@ class Reaper:
         *,
         env: Mapping[str, str],
         fds: Mapping[int, int | None] | None = None,
-        setpgroup: bool = False,
     ) -> Child:
         """Start ``argv`` with ``fds`` as its {child fd: our fd} (None or absent 0-2: /dev/null).
 
         Raises OSError (e.g. FileNotFoundError) if the program cannot be executed;
         glibc's posix_spawn has then already collected the failed child.
         """
-        fds = dict(fds or {})
+        sources = {target: fd for target, fd in (fds or {}).items() if fd is not None}
         actions: list[tuple] = []
         for target in (0, 1, 2):
-            if fds.get(target) is None:
-                fds.pop(target, None)
+            if target not in sources:
                 flags = os.O_RDONLY if target == 0 else os.O_WRONLY
                 actions.append((os.POSIX_SPAWN_OPEN, target, os.devnull, flags, 0))
         # dup2 onto a target that is another entry's source would clobber it:
         # give every source a fresh close-on-exec copy above all targets first.
-        floor = max(fds, default=2) + 1
-        copies = [fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, floor) for source in fds.values()]
-        actions += [(os.POSIX_SPAWN_DUP2, c, t) for c, t in zip(copies, fds, strict=True)]
+        floor = max(sources, default=2) + 1
+        copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in sources.values()]
+        actions += [(os.POSIX_SPAWN_DUP2, c, t) for c, t in zip(copies, sources, strict=True)]
         try:
-            extra = {"setpgroup": 0} if setpgroup else {}
             pid = os.posix_spawnp(
-                argv[0],
-                list(argv),
-                dict(env),
-                file_actions=actions,
-                setsigdef=_RESET_SIGNALS,
-                **extra,
+                argv[0], list(argv), dict(env), file_actions=actions, setsigdef=_RESET_SIGNALS
             )
         finally:
             for c in copies:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
-
-import logging
 
 import trio
 
@@ -64,9 +63,7 @@ def _log_size(path: str) -> int:
 
 
 class Runc:
-    def __init__(
-        self, reaper: Reaper, options: ShimOptions, namespace: str, bundle: str
-    ) -> None:
+    def __init__(self, reaper: Reaper, options: ShimOptions, namespace: str, bundle: str) -> None:
         self._reaper = reaper
         self.binary = options.runc_binary
         self.root = options.runc_root(namespace)

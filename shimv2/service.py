@@ -10,11 +10,14 @@ the start event, so ``/tasks/exit`` never precedes ``/tasks/start``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import signal
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 
 import trio
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -48,6 +51,22 @@ ExitSubscriber = dict[int, list[Exit]]
 def validate_id(value: str, what: str = "container id") -> None:
     if not value or len(value) > _MAX_ID or not _IDENTIFIER.match(value):
         raise status.invalid_argument(f"invalid {what} {value!r}")
+
+
+@contextlib.contextmanager
+def _process_file(spec_json: bytes, terminal: bool) -> Iterator[str]:
+    """The exec's OCI Process as a temporary file for ``runc exec --process``."""
+    spec = json.loads(spec_json)
+    spec["terminal"] = terminal
+    directory = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    fd, path = tempfile.mkstemp(prefix="runc-process", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(spec, f)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -89,6 +108,9 @@ class TaskService:
             "Pids": Method(api.PidsRequest, self.pids),
             "Connect": Method(api.ConnectRequest, self.connect),
             "Shutdown": Method(api.ShutdownRequest, self.shutdown),
+            "Exec": Method(api.ExecProcessRequest, self.exec),
+            "CloseIO": Method(api.CloseIORequest, self.close_io),
+            "ResizePty": Method(api.ResizePtyRequest, self.resize_pty),
         }
 
     # -- lookups ----------------------------------------------------------------
@@ -113,7 +135,8 @@ class TaskService:
         for subscriber in self._subscribers:
             subscriber.setdefault(e.pid, []).append(e)
         for container, process in self._running.pop(e.pid, []):
-            container.nursery.start_soon(self._handle_exit, container, process, e)
+            nursery = container.background() or self._nursery
+            nursery.start_soon(self._handle_exit, container, process, e)
 
     def _subscribe(self) -> ExitSubscriber:
         subscriber: ExitSubscriber = {}
@@ -131,7 +154,8 @@ class TaskService:
         self._unsubscribe(subscriber)
         early = subscriber.get(process.pid) if process.pid else None
         if early:
-            container.nursery.start_soon(self._handle_exit, container, process, early[0])
+            nursery = container.background() or self._nursery
+            nursery.start_soon(self._handle_exit, container, process, early[0])
         elif process.pid:
             self._running.setdefault(process.pid, []).append((container, process))
 
@@ -142,12 +166,15 @@ class TaskService:
             self._running.pop(process.pid, None)
 
     async def _handle_exit(self, container: Container, process: Process, e: Exit) -> None:
-        if process.is_init and not container.own_pid_namespace:
-            # Without its own PID namespace nothing kills the init's descendants.
-            try:
-                await container.runc.kill(container.id, signal.SIGKILL, all=True)
-            except RuncError as exc:
-                log.warning("kill --all after init exit of %s: %s", container.id, exc)
+        if process.is_init:
+            if not container.own_pid_namespace:
+                # Without its own PID namespace nothing kills the init's descendants.
+                try:
+                    await container.runc.kill(container.id, signal.SIGKILL, all=True)
+                except RuncError as exc:
+                    log.warning("kill --all after init exit of %s: %s", container.id, exc)
+            # The execs die with the init; their exits are published first.
+            await container.execs_idle.wait()
         if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
             log.warning("%s: output still open %.0fs after exit", process.id, IO_FLUSH_TIMEOUT)
         process.set_exited(e.status, e.timestamp_ns)
@@ -167,6 +194,8 @@ class TaskService:
                 exited_at=_timestamp(e.timestamp_ns),
             ),
         )
+        if not process.is_init:
+            container.exec_finished()
 
     # -- RPCs -------------------------------------------------------------------
 
@@ -224,20 +253,21 @@ class TaskService:
             raise status.unknown(f"failed to mount rootfs component: {exc}") from exc
         subscriber = self._subscribe()
         try:
-            init.io = PipeIO(stdio, opts.io_uid, opts.io_gid)
+            io = PipeIO(stdio, *container.io_owner)
+            init.attach_io(io)
             await self._nursery.start(container.run)
             pid_file = os.path.join(req.bundle, "init.pid")
             await runc.create(
                 req.id,
                 req.bundle,
                 pid_file,
-                init.io.runc_fds(),
+                io.runc_fds(),
                 no_pivot=opts.no_pivot_root,
                 no_new_keyring=opts.no_new_keyring,
             )
-            init.io.close_after_start()
+            io.close_after_start()
             init.pid = bundlefiles.read_pid(pid_file)
-            init.io.start(container.nursery)
+            io.start(container.nursery)
         except BaseException as exc:
             self._unsubscribe(subscriber)
             container.close()
@@ -252,9 +282,9 @@ class TaskService:
 
     async def start(self, req: api.StartRequest, ctx: RequestContext) -> api.StartResponse:
         container, process = self._process(req.id, req.exec_id)
-        if not process.is_init:
-            raise status.unimplemented("exec processes")
         process.check_start()
+        if not process.is_init:
+            return await self._start_exec(container, process)
         # An exit during `runc start` must wait until /tasks/start is published.
         self._forget(container, process)
         subscriber = self._subscribe()
@@ -272,6 +302,83 @@ class TaskService:
         )
         self._handle_started(container, process, subscriber)
         return api.StartResponse(pid=process.pid)
+
+    async def _start_exec(self, container: Container, process: Process) -> api.StartResponse:
+        if container.init.status == Status.STOPPED or container.init.deleted:
+            raise status.failed_precondition(
+                f"container {container.id} init process is not running"
+            )
+        container.exec_started()
+        subscriber = self._subscribe()
+        try:
+            io = PipeIO(process.stdio, *container.io_owner)
+            process.attach_io(io)
+            pid_file = os.path.join(container.bundle, f"{process.exec_id}.pid")
+            with _process_file(process.spec_json, process.stdio.terminal) as process_file:
+                await container.runc.exec(container.id, process_file, pid_file, io.runc_fds())
+            io.close_after_start()
+            process.set_running(bundlefiles.read_pid(pid_file))
+            io.start(container.nursery)
+        except BaseException as exc:
+            self._unsubscribe(subscriber)
+            container.exec_finished()
+            if process.io is not None:
+                process.io.close()
+            # It never ran: it is stopped, and only Delete is left to do.
+            process.set_exited(255, time.time_ns())
+            if isinstance(exc, RuncError):
+                raise status.unknown(f"OCI runtime exec failed: {exc.message}") from exc
+            if isinstance(exc, OSError):
+                raise status.error_from_exception(exc) from exc
+            raise
+        self._publisher.publish(
+            "/tasks/exec-started",
+            events.TaskExecStarted(
+                container_id=container.id, exec_id=process.exec_id, pid=process.pid
+            ),
+        )
+        self._handle_started(container, process, subscriber)
+        return api.StartResponse(pid=process.pid)
+
+    async def exec(self, req: api.ExecProcessRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        validate_id(req.exec_id, "exec id")
+        container = self._container(req.id)
+        if req.exec_id in container.execs:
+            raise status.already_exists(f"id {req.exec_id}")
+        init = container.init
+        if init.deleted or init.status in (Status.STOPPED, Status.PAUSED, Status.PAUSING):
+            state = "deleted" if init.deleted else init.status.name.lower()
+            raise status.unknown(f"cannot exec in a {state} state")
+        if req.terminal:
+            raise status.unimplemented("terminal (tty) exec processes")
+        try:
+            spec = json.loads(req.spec.value)
+            if not isinstance(spec, dict) or not spec.get("args"):
+                raise ValueError("the process has no args")
+        except ValueError as exc:
+            raise status.invalid_argument(f"invalid exec process spec: {exc}") from exc
+        process = Process(
+            container.id, req.exec_id, StdioSpec(req.stdin, req.stdout, req.stderr, req.terminal)
+        )
+        process.spec_json = req.spec.value
+        container.execs[req.exec_id] = process
+        self._publisher.publish(
+            "/tasks/exec-added",
+            events.TaskExecAdded(container_id=container.id, exec_id=req.exec_id),
+        )
+        return empty_pb2.Empty()
+
+    async def close_io(self, req: api.CloseIORequest, ctx: RequestContext) -> empty_pb2.Empty:
+        _, process = self._process(req.id, req.exec_id)
+        if req.stdin:
+            process.close_stdin()
+        return empty_pb2.Empty()
+
+    async def resize_pty(self, req: api.ResizePtyRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        _, process = self._process(req.id, req.exec_id)
+        if not process.is_init and process.status == Status.STOPPED:
+            raise status.unknown("cannot resize a stopped container")
+        return empty_pb2.Empty()  # no pty without a terminal: nothing to resize
 
     async def delete(self, req: api.DeleteRequest, ctx: RequestContext) -> api.DeleteResponse:
         container, process = self._process(req.id, req.exec_id)

@@ -48,22 +48,18 @@ def generate(out_dir: Path) -> None:
 
     include = Path(protoc.__file__).parent / "_proto"
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
-    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out_dir}", *protos]
+    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out_dir}", f"--pyi_out={out_dir}", *protos]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     roots = _local_roots()
-    for path in out_dir.rglob("*_pb2.py"):
+    for path in [*out_dir.rglob("*_pb2.py"), *out_dir.rglob("*_pb2.pyi")]:
         path.write_text(_rewrite_imports(path.read_text(), roots))
     for directory in [out_dir, *(d for d in out_dir.rglob("*") if d.is_dir())]:
         (directory / "__init__.py").touch()
 
 
 def _tree(base: Path) -> set[str]:
-    return {
-        str(p.relative_to(base))
-        for p in base.rglob("*.py")
-        if "__pycache__" not in p.parts
-    }
+    return {str(p.relative_to(base)) for p in base.rglob("*.py") if "__pycache__" not in p.parts}
 
 
 def check() -> list[str]:
