@@ -173,26 +173,6 @@ def start(flags: Flags) -> int:
 # -- delete -------------------------------------------------------------------
 
 
-def _unmount_all(target: str) -> None:
-    """Unmount every mount stacked on ``target`` (retrying EBUSY), as runc's shim does."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    busy = 0
-    while True:
-        if libc.umount2(target.encode(), 0) == 0:
-            continue
-        err = ctypes.get_errno()
-        if err == errno.EBUSY and busy < 50:
-            busy += 1
-            time.sleep(0.05)
-            continue
-        if err not in (errno.EINVAL, errno.ENOENT):
-            sys.stderr.write(f"failed to unmount {target}: {os.strerror(err)}\n")
-        return
-
-
 def _remove_dead_socket(bundle: str) -> None:
     """Remove the shim socket when no daemon serves it any more (a grouped one may)."""
     address = bundlefiles.read_text(os.path.join(bundle, "address"))
@@ -207,7 +187,8 @@ def _remove_dead_socket(bundle: str) -> None:
 def delete(flags: Flags) -> int:
     """Clean up after a shim that containerd can no longer reach; idempotent."""
     from shimv2.api.containerd.task.v2 import shim_pb2
-    from shimv2.runc import runc_delete_force_sync
+    from shimv2.mount import unmount_all
+    from shimv2.runccmd import runc_delete_force_sync
 
     bundle = flags.bundle or os.getcwd()
     exit_info = None
@@ -220,7 +201,10 @@ def delete(flags: Flags) -> int:
         warning = runc_delete_force_sync(options, flags.namespace, bundle, flags.id)
         if warning:
             sys.stderr.write(warning + "\n")
-        _unmount_all(os.path.join(bundle, "rootfs"))
+        try:
+            unmount_all(os.path.join(bundle, "rootfs"))
+        except OSError as exc:
+            sys.stderr.write(f"{exc}\n")
         _remove_dead_socket(bundle)
         exit_info = bundlefiles.read_exit(bundle)
         pid = bundlefiles.read_pid(os.path.join(bundle, "init.pid"))

@@ -11,13 +11,13 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 
 import trio
 
 from shimv2.options import ShimOptions
 from shimv2.reaper import Reaper
+from shimv2.runccmd import global_args, last_runc_error, log_size, runc_env
 
 log = logging.getLogger(__name__)
 
@@ -32,47 +32,13 @@ class RuncError(Exception):
         self.status = status
 
 
-def runc_env() -> dict[str, str]:
-    """The shim's environment minus NOTIFY_SOCKET (runc would try to use it)."""
-    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-
-
-def last_runc_error(log_path: str, offset: int = 0) -> str:
-    """The ``msg`` of the last error line runc wrote to its JSON log after ``offset``."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(offset)
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("level") == "error":
-            return str(entry.get("msg", ""))
-    return ""
-
-
-def _log_size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
-
-
 class Runc:
     def __init__(self, reaper: Reaper, options: ShimOptions, namespace: str, bundle: str) -> None:
         self._reaper = reaper
         self.binary = options.runc_binary
         self.root = options.runc_root(namespace)
         self.log_path = os.path.join(bundle, "log.json")
-        self._global = ["--root", self.root, "--log", self.log_path, "--log-format", "json"]
-        if options.criu_path:
-            self._global += ["--criu", options.criu_path]
-        if options.systemd_cgroup:
-            self._global.append("--systemd-cgroup")
+        self._global = global_args(options, namespace, self.log_path)
 
     async def _run(
         self,
@@ -88,7 +54,7 @@ class Runc:
         """
         command = args[0]
         argv = [self.binary, *self._global, *args]
-        offset = _log_size(self.log_path)
+        offset = log_size(self.log_path)
         out_r = out_w = in_r = in_w = -1
         try:
             if stdio is None:
@@ -206,38 +172,3 @@ async def _feed(fd: int, data: bytes) -> None:
     async with trio.lowlevel.FdStream(fd) as stream:
         with contextlib.suppress(trio.BrokenResourceError):
             await stream.send_all(data)
-
-
-def runc_delete_force_sync(
-    options: ShimOptions, namespace: str, bundle: str, container_id: str
-) -> str | None:
-    """``runc delete --force`` for the ``delete`` action (no event loop there).
-
-    Returns a warning for stderr, or None; a container runc no longer knows is fine.
-    """
-    log_path = os.path.join(bundle, "log.json")
-    argv = [
-        options.runc_binary,
-        "--root",
-        options.runc_root(namespace),
-        "--log",
-        log_path,
-        "--log-format",
-        "json",
-        "delete",
-        "--force",
-        container_id,
-    ]
-    offset = _log_size(log_path)
-    try:
-        result = subprocess.run(
-            argv, env=runc_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"runc delete --force {container_id}: {exc}"
-    if result.returncode == 0:
-        return None
-    message = last_runc_error(log_path, offset) or result.stderr.decode(errors="replace").strip()
-    if "does not exist" in message or "not exist" in message:
-        return None
-    return f"runc delete --force {container_id}: {message}"
