@@ -71,7 +71,7 @@ def _serving(path: str) -> bool:
 
 def bind_socket(path: str) -> socket.socket | None:
     """Listen on ``path``; None when a live shim already serves it (grouped containers)."""
-    os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
+    os.makedirs(SOCKET_DIR, mode=0o600, exist_ok=True)  # as containerd's shims; root traverses it
     for _ in range(2):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
