@@ -34,7 +34,7 @@ from shimv2.mount import Mount
 from shimv2.process import Process, Status, kill_error
 from shimv2.reaper import Exit, Reaper
 from shimv2.runc import Runc, RuncError
-from shimv2.stdio import PipeIO, StdioSpec
+from shimv2.stdio import LoggerContext, PipeIO, StdioSpec
 from shimv2.ttrpc import Code, Method, RequestContext, TTRPCError, status
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,20 @@ class TaskService:
         if not process.is_init:
             container.exec_finished()
 
+    async def _open_io(self, container: Container, process: Process) -> PipeIO:
+        """The process's stdio, attached to it, ready for runc (a logger is running)."""
+        logger = LoggerContext(self._reaper.spawn, process.id, self.namespace)
+        io = PipeIO(process.stdio, *container.io_owner, logger=logger)
+        process.attach_io(io)
+        await io.ready()
+        return io
+
+    async def _close_io(self, process: Process) -> None:
+        """Release a deleted process's stdio; a binary logger gets its SIGTERM."""
+        if process.io is not None:
+            process.io.close()
+            await process.io.shutdown_logger()
+
     # -- RPCs -------------------------------------------------------------------
 
     async def create(
@@ -253,8 +267,7 @@ class TaskService:
             raise status.unknown(f"failed to mount rootfs component: {exc}") from exc
         subscriber = self._subscribe()
         try:
-            io = PipeIO(stdio, *container.io_owner)
-            init.attach_io(io)
+            io = await self._open_io(container, init)
             await self._nursery.start(container.run)
             pid_file = os.path.join(req.bundle, "init.pid")
             await runc.create(
@@ -271,6 +284,8 @@ class TaskService:
         except BaseException as exc:
             self._unsubscribe(subscriber)
             container.close()
+            if init.io is not None:
+                self._nursery.start_soon(init.io.shutdown_logger)
             with contextlib.suppress(OSError):
                 await trio.to_thread.run_sync(container.unmount_rootfs)
             if isinstance(exc, RuncError):
@@ -311,8 +326,7 @@ class TaskService:
         container.exec_started()
         subscriber = self._subscribe()
         try:
-            io = PipeIO(process.stdio, *container.io_owner)
-            process.attach_io(io)
+            io = await self._open_io(container, process)
             pid_file = os.path.join(container.bundle, f"{process.exec_id}.pid")
             with _process_file(process.spec_json, process.stdio.terminal) as process_file:
                 await container.runc.exec(container.id, process_file, pid_file, io.runc_fds())
@@ -324,6 +338,7 @@ class TaskService:
             container.exec_finished()
             if process.io is not None:
                 process.io.close()
+                self._nursery.start_soon(process.io.shutdown_logger)
             # It never ran: it is stopped, and only Delete is left to do.
             process.set_exited(255, time.time_ns())
             if isinstance(exc, RuncError):
@@ -388,8 +403,7 @@ class TaskService:
         if process.is_init:
             await self._delete_container(container)
         else:
-            if process.io is not None:
-                process.io.close()
+            await self._close_io(process)
             process.mark_deleted()
             container.execs.pop(process.exec_id, None)
             with contextlib.suppress(OSError):
@@ -409,6 +423,8 @@ class TaskService:
                 raise status.unknown(f"failed to delete task: {exc.message}") from exc
         self._forget(container, init)
         init.mark_deleted()
+        for process in [init, *container.execs.values()]:
+            await self._close_io(process)
         container.close()
         del self.containers[container.id]
         unmount_error = None

@@ -11,19 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
+import select
+import signal
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlparse
 
 import trio
 
+from shimv2.reaper import Child
 from shimv2.ttrpc import status
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 16
+_SPLICE_CHUNK = 1 << 20
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -71,44 +80,117 @@ def _close(fd: int) -> None:
             os.close(fd)
 
 
-async def pump(src: int, dst: int) -> None:
-    """Copy ``src`` to ``dst`` until EOF on ``src``; closes both.
+def _readable_now(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
-    If ``dst`` breaks (EPIPE) we keep draining ``src``: a container must never
-    block on a stream nobody reads.
-    """
-    broken = False
-    try:
-        while True:
-            try:
-                data = os.read(src, _CHUNK)
-            except BlockingIOError:
+
+async def _splice(src: int, dst: int) -> bool:
+    """Move ``src`` to ``dst`` in the kernel until EOF (True), or False if splice
+    cannot serve this pair (e.g. an O_APPEND file) and nothing was moved yet."""
+    moved = False
+    while True:
+        try:
+            n = os.splice(src, dst, _SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            # Either src is empty or dst is full: find out which to wait for.
+            if _readable_now(src):
+                await trio.lowlevel.wait_writable(dst)
+            else:
                 await trio.lowlevel.wait_readable(src)
-                continue
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and not moved:
+                return False
+            raise
+        if n == 0:
+            return True
+        moved = True
+
+
+async def _copy(src: int, dst: int) -> None:
+    """read/write fallback; after EPIPE keep draining ``src`` into nothing."""
+    broken = False
+    while True:
+        try:
+            data = os.read(src, _CHUNK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(src)
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                return
+            raise
+        if not data:
+            return
+        view = memoryview(data)
+        while view and not broken:
+            try:
+                view = view[os.write(dst, view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(dst)
             except OSError as exc:
-                if exc.errno == errno.EIO:
-                    break
-                raise
-            if not data:
-                break
-            view = memoryview(data)
-            while view and not broken:
-                try:
-                    view = view[os.write(dst, view) :]
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(dst)
-                except (BrokenPipeError, OSError) as exc:
-                    log.warning("stdio copy: output closed (%s); discarding the rest", exc)
-                    broken = True
+                log.warning("stdio copy: output failed (%s); discarding the rest", exc)
+                broken = True
+
+
+async def pump(src: int, dst: int) -> None:
+    """Copy ``src`` (a pipe or FIFO) to ``dst`` until EOF on ``src``; closes both.
+
+    splice(2) moves the bytes without copying them through Python; where it
+    cannot (an O_APPEND file) plain read/write does. If ``dst`` fails we keep
+    draining ``src``: a container must never block on a stream nobody reads.
+    """
+    try:
+        try:
+            if await _splice(src, dst):
+                return
+        except OSError as exc:
+            log.warning("stdio splice failed (%s); copying the rest", exc)
+        await _copy(src, dst)
     finally:
         _close(src)
         _close(dst)
 
 
+def _enlarge(fd: int) -> None:
+    """Bigger pipe buffers mean fewer wake-ups per byte; best effort."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+
+
+@dataclass(frozen=True)
+class LoggerContext:
+    """What a ``binary://`` logger needs from the shim (spec: io-and-reaping.md §5)."""
+
+    spawn: Callable[..., Child]  # Reaper.spawn: the logger is reaped like any child
+    process_id: str  # CONTAINER_ID: the container id for the init, else the exec id
+    namespace: str
+
+
+def logger_argv(uri: str) -> list[str]:
+    """``binary:///path?k=v&flag`` → ``[path, k, v, flag]``."""
+    parsed = urlparse(uri)
+    if not parsed.path:
+        raise status.invalid_argument(f"binary log URI {uri!r} names no program")
+    argv = [parsed.path]
+    for key, value in parse_qsl(parsed.query, keep_blank_values=True):
+        argv += [key, value] if value else [key]
+    return argv
+
+
 class PipeIO:
     """Pipes for one process, and the copy loops between them and the client's ends."""
 
-    def __init__(self, spec: StdioSpec, uid: int = 0, gid: int = 0) -> None:
+    def __init__(
+        self,
+        spec: StdioSpec,
+        uid: int = 0,
+        gid: int = 0,
+        *,
+        logger: LoggerContext | None = None,
+    ) -> None:
         self.spec = spec
         self._runc_fds: dict[int, int | None] = {0: None, 1: None, 2: None}
         self._ours: list[int] = []  # container-side ends closed after runc started
@@ -118,8 +200,12 @@ class PipeIO:
         self._stdin_keepalive = -1
         self._stdin_close_requested = False
         self.output_done = trio.Event()
+        # binary:// logging: the logger reads the pipes itself
+        self._logger: Child | None = None
+        self._logger_ready_fd = -1
+        self._logger_writers: list[int] = []  # kept until close, so it sees EOF then
         try:
-            self._setup(uid, gid)
+            self._setup(uid, gid, logger)
         except BaseException:
             self.close()
             raise
@@ -129,7 +215,7 @@ class PipeIO:
         self._ours += [r, w]
         return r, w
 
-    def _setup(self, uid: int, gid: int) -> None:
+    def _setup(self, uid: int, gid: int, logger: LoggerContext | None) -> None:
         spec = self.spec
         if spec.stdin:
             fifo_r = os.open(spec.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -140,6 +226,11 @@ class PipeIO:
             self._ours.remove(w)
             os.set_blocking(w, False)  # our end only; the container's end stays blocking
             self._stdin_pump = (fifo_r, w)
+        if urlparse(spec.stdout).scheme == "binary":
+            if logger is None:
+                raise status.invalid_argument("binary log URIs are not supported here")
+            self._start_logger(uid, gid, logger)
+            return
         shared: dict[str, int] = {}
         for target, uri in ((1, spec.stdout), (2, spec.stderr)):
             if not uri:
@@ -149,6 +240,7 @@ class PipeIO:
             self._runc_fds[target] = w
             self._ours.remove(r)
             os.set_blocking(r, False)
+            _enlarge(r)
             key = _output_target(uri)
             # stdout and stderr to one file share it (each loop owns a dup).
             dst = os.dup(shared[key]) if key in shared else _open_output(uri)
@@ -157,6 +249,61 @@ class PipeIO:
             self._output_pumps.append((r, dst))
         if not self._output_pumps:
             self.output_done.set()
+
+    def _start_logger(self, uid: int, gid: int, ctx: LoggerContext) -> None:
+        argv = logger_argv(self.spec.stdout)
+        out_r, out_w = self._pipe()
+        err_r, err_w = self._pipe()
+        ready_r, ready_w = self._pipe()
+        for fd in (out_w, err_w, ready_r):
+            self._ours.remove(fd)
+        self._logger_writers += [out_w, err_w]
+        self._logger_ready_fd = ready_r
+        for fd in (out_w, err_w):
+            os.fchown(fd, uid, gid)
+        env = {"CONTAINER_ID": ctx.process_id, "CONTAINER_NAMESPACE": ctx.namespace}
+        try:
+            self._logger = ctx.spawn(argv, env=env, fds={3: out_r, 4: err_r, 5: ready_w})
+        except OSError as exc:
+            raise status.unknown(f"failed to start logging binary {argv[0]}: {exc}") from exc
+        self._runc_fds[1], self._runc_fds[2] = out_w, err_w
+        self.close_after_start()  # the logger holds its ends now
+        self.output_done.set()  # nothing for us to copy
+
+    async def ready(self, timeout: float = 30.0) -> None:
+        """Wait until a ``binary://`` logger says it is ready (a byte, or closing fd 5)."""
+        if self._logger_ready_fd < 0:
+            return
+        fd, self._logger_ready_fd = self._logger_ready_fd, -1
+        async with trio.lowlevel.FdStream(fd) as stream:
+            with trio.move_on_after(timeout) as scope:
+                signalled = bool(await stream.receive_some(1))
+        if scope.cancelled_caught:
+            raise status.unknown(f"logging binary did not become ready within {timeout:.0f}s")
+        logger = self._logger
+        assert logger is not None
+        if not signalled:
+            # EOF: it closed fd 5 on purpose, or it died; give a dying one a moment.
+            with trio.move_on_after(0.05):
+                await logger.wait()
+        if logger.exit is not None:
+            raise status.unknown(
+                f"logging binary exited with status {logger.exit.status} before the container "
+                "started"
+            )
+
+    async def shutdown_logger(self, timeout: float = 12.0) -> None:
+        """After close(): SIGTERM the logger, SIGKILL it if it lingers."""
+        logger = self._logger
+        if logger is None or logger.exit is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(logger.pid, signal.SIGTERM)
+        with trio.move_on_after(timeout):
+            await logger.wait()
+        if logger.exit is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(logger.pid, signal.SIGKILL)
 
     def runc_fds(self) -> dict[int, int | None]:
         """fds 0-2 for runc (None: /dev/null)."""
@@ -213,4 +360,10 @@ class PipeIO:
                     os.close(fd)
         self._output_pumps.clear()
         self._stdin_pump = None
+        for fd in [*self._logger_writers, self._logger_ready_fd]:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._logger_writers.clear()
+        self._logger_ready_fd = -1
         self.close_stdin()
