@@ -11,6 +11,7 @@ from enum import IntEnum
 
 import trio
 
+from shimv2.console import ConsoleIO
 from shimv2.stdio import PipeIO, StdioSpec
 from shimv2.ttrpc import TTRPCError, status
 
@@ -49,7 +50,7 @@ class Process:
         self.exit_status = 0
         self.exited_at_ns: int | None = None
         self.exited = trio.Event()
-        self.io: PipeIO | None = None
+        self.io: PipeIO | ConsoleIO | None = None
         self.spec_json = b""  # an exec's OCI Process, as containerd sent it
         self._stdin_close_requested = False
 
@@ -88,7 +89,7 @@ class Process:
             if self.status == Status.STOPPED:
                 raise status.not_found("process already finished")
 
-    def attach_io(self, io: PipeIO) -> None:
+    def attach_io(self, io: PipeIO | ConsoleIO) -> None:
         self.io = io
         if self._stdin_close_requested:
             io.close_stdin()

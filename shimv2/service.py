@@ -28,6 +28,7 @@ from shimv2.api.containerd.events import task_pb2 as events
 from shimv2.api.containerd.runc.options import oci_pb2
 from shimv2.api.containerd.task.v2 import shim_pb2 as api
 from shimv2.api.containerd.types.task import task_pb2 as tasktypes
+from shimv2.console import ConsoleIO
 from shimv2.container import Container
 from shimv2.events import Publisher, pack
 from shimv2.mount import Mount
@@ -73,6 +74,11 @@ def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(ns)
     return ts
+
+
+def _console_socket(io: PipeIO | ConsoleIO) -> str:
+    """``--console-socket`` for runc: only a terminal process has one."""
+    return io.console_socket if isinstance(io, ConsoleIO) else ""
 
 
 class TaskService:
@@ -175,6 +181,8 @@ class TaskService:
                     log.warning("kill --all after init exit of %s: %s", container.id, exc)
             # The execs die with the init; their exits are published first.
             await container.execs_idle.wait()
+        if isinstance(process.io, ConsoleIO):
+            process.io.process_exited()  # the pty's output ends once drained
         if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
             log.warning("%s: output still open %.0fs after exit", process.id, IO_FLUSH_TIMEOUT)
         process.set_exited(e.status, e.timestamp_ns)
@@ -197,10 +205,14 @@ class TaskService:
         if not process.is_init:
             container.exec_finished()
 
-    async def _open_io(self, container: Container, process: Process) -> PipeIO:
+    async def _open_io(self, container: Container, process: Process) -> PipeIO | ConsoleIO:
         """The process's stdio, attached to it, ready for runc (a logger is running)."""
-        logger = LoggerContext(self._reaper.spawn, process.id, self.namespace)
-        io = PipeIO(process.stdio, *container.io_owner, logger=logger)
+        io: PipeIO | ConsoleIO
+        if process.stdio.terminal:
+            io = ConsoleIO(process.stdio)
+        else:
+            logger = LoggerContext(self._reaper.spawn, process.id, self.namespace)
+            io = PipeIO(process.stdio, *container.io_owner, logger=logger)
         process.attach_io(io)
         await io.ready()
         return io
@@ -223,8 +235,6 @@ class TaskService:
             raise status.invalid_argument(f"bundle {req.bundle!r} is not a directory")
         if not os.path.isfile(os.path.join(req.bundle, "config.json")):
             raise status.invalid_argument(f"bundle {req.bundle} has no config.json")
-        if req.terminal:
-            raise status.unimplemented("terminal (tty) containers")
         if req.checkpoint:
             raise status.unimplemented("restore from a checkpoint")
         self._creating.add(req.id)
@@ -275,11 +285,14 @@ class TaskService:
                 req.bundle,
                 pid_file,
                 io.runc_fds(),
+                console_socket=_console_socket(io),
                 no_pivot=opts.no_pivot_root,
                 no_new_keyring=opts.no_new_keyring,
             )
             io.close_after_start()
             init.pid = bundlefiles.read_pid(pid_file)
+            if isinstance(io, ConsoleIO):
+                await io.receive_master()
             io.start(container.nursery)
         except BaseException as exc:
             self._unsubscribe(subscriber)
@@ -329,9 +342,17 @@ class TaskService:
             io = await self._open_io(container, process)
             pid_file = os.path.join(container.bundle, f"{process.exec_id}.pid")
             with _process_file(process.spec_json, process.stdio.terminal) as process_file:
-                await container.runc.exec(container.id, process_file, pid_file, io.runc_fds())
+                await container.runc.exec(
+                    container.id,
+                    process_file,
+                    pid_file,
+                    io.runc_fds(),
+                    console_socket=_console_socket(io),
+                )
             io.close_after_start()
             process.set_running(bundlefiles.read_pid(pid_file))
+            if isinstance(io, ConsoleIO):
+                await io.receive_master()
             io.start(container.nursery)
         except BaseException as exc:
             self._unsubscribe(subscriber)
@@ -364,8 +385,6 @@ class TaskService:
         if init.deleted or init.status in (Status.STOPPED, Status.PAUSED, Status.PAUSING):
             state = "deleted" if init.deleted else init.status.name.lower()
             raise status.unknown(f"cannot exec in a {state} state")
-        if req.terminal:
-            raise status.unimplemented("terminal (tty) exec processes")
         try:
             spec = json.loads(req.spec.value)
             if not isinstance(spec, dict) or not spec.get("args"):
@@ -393,7 +412,12 @@ class TaskService:
         _, process = self._process(req.id, req.exec_id)
         if not process.is_init and process.status == Status.STOPPED:
             raise status.unknown("cannot resize a stopped container")
-        return empty_pb2.Empty()  # no pty without a terminal: nothing to resize
+        if isinstance(process.io, ConsoleIO):  # no pty without a terminal: nothing to resize
+            try:
+                process.io.resize(req.width, req.height)
+            except OSError as exc:
+                raise status.error_from_exception(exc) from exc
+        return empty_pb2.Empty()
 
     async def delete(self, req: api.DeleteRequest, ctx: RequestContext) -> api.DeleteResponse:
         container, process = self._process(req.id, req.exec_id)

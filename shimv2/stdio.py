@@ -59,7 +59,7 @@ def _output_target(uri: str) -> str:
     raise status.invalid_argument(f"unknown STDIO scheme {parsed.scheme}")
 
 
-def _open_output(uri: str) -> int:
+def open_output(uri: str) -> int:
     """Open the client end of an output stream without ever blocking."""
     scheme = urlparse(uri).scheme
     path = _output_target(uri)
@@ -243,7 +243,7 @@ class PipeIO:
             _enlarge(r)
             key = _output_target(uri)
             # stdout and stderr to one file share it (each loop owns a dup).
-            dst = os.dup(shared[key]) if key in shared else _open_output(uri)
+            dst = os.dup(shared[key]) if key in shared else open_output(uri)
             os.set_inheritable(dst, False)
             shared.setdefault(key, dst)
             self._output_pumps.append((r, dst))
