@@ -196,6 +196,11 @@ class ConsoleIO:
     def close_after_start(self) -> None:
         """No container-side fds of ours to drop (the slave never passes through here)."""
 
+    async def runc_started(self) -> None:
+        """runc created the process: take the pty master it sends us."""
+        self.close_after_start()
+        await self.receive_master()
+
     async def receive_master(self, timeout: float = RECEIVE_TIMEOUT) -> None:
         """After ``runc create``/``exec`` returned: take the pty master runc sent."""
         sock = self._socket

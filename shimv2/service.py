@@ -76,11 +76,6 @@ def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def _console_socket(io: PipeIO | ConsoleIO) -> str:
-    """``--console-socket`` for runc: only a terminal process has one."""
-    return io.console_socket if isinstance(io, ConsoleIO) else ""
-
-
 class TaskService:
     def __init__(
         self,
@@ -181,8 +176,8 @@ class TaskService:
                     log.warning("kill --all after init exit of %s: %s", container.id, exc)
             # The execs die with the init; their exits are published first.
             await container.execs_idle.wait()
-        if isinstance(process.io, ConsoleIO):
-            process.io.process_exited()  # the pty's output ends once drained
+        if process.io is not None:
+            process.io.process_exited()  # a pty's output ends once drained
         if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
             log.warning("%s: output still open %.0fs after exit", process.id, IO_FLUSH_TIMEOUT)
         process.set_exited(e.status, e.timestamp_ns)
@@ -276,6 +271,7 @@ class TaskService:
         except OSError as exc:
             raise status.unknown(f"failed to mount rootfs component: {exc}") from exc
         subscriber = self._subscribe()
+        created = False
         try:
             io = await self._open_io(container, init)
             await self._nursery.start(container.run)
@@ -285,28 +281,40 @@ class TaskService:
                 req.bundle,
                 pid_file,
                 io.runc_fds(),
-                console_socket=_console_socket(io),
+                console_socket=io.console_socket,
                 no_pivot=opts.no_pivot_root,
                 no_new_keyring=opts.no_new_keyring,
             )
-            io.close_after_start()
+            created = True
+            await io.runc_started()
             init.pid = bundlefiles.read_pid(pid_file)
-            if isinstance(io, ConsoleIO):
-                await io.receive_master()
             io.start(container.nursery)
         except BaseException as exc:
             self._unsubscribe(subscriber)
-            container.close()
-            if init.io is not None:
-                self._nursery.start_soon(init.io.shutdown_logger)
-            with contextlib.suppress(OSError):
-                await trio.to_thread.run_sync(container.unmount_rootfs)
+            with trio.CancelScope(shield=True):
+                await self._abort_create(container, created)
             if isinstance(exc, RuncError):
                 raise status.unknown(f"OCI runtime create failed: {exc.message}") from exc
             if isinstance(exc, OSError):
                 raise status.error_from_exception(exc) from exc
             raise
         return container, subscriber
+
+    async def _abort_create(self, container: Container, created: bool) -> None:
+        """Undo a failed Create: nothing of the container may be left behind."""
+        if created:
+            try:
+                await container.runc.delete(container.id, force=True)
+            except RuncError as exc:
+                log.warning("cleaning up failed create of %s: %s", container.id, exc)
+        self._forget(container, container.init)
+        container.close()
+        if container.init.io is not None:
+            self._nursery.start_soon(container.init.io.shutdown_logger)
+        try:
+            await trio.to_thread.run_sync(container.unmount_rootfs)
+        except OSError as exc:
+            log.warning("cleaning up failed create of %s: %s", container.id, exc)
 
     async def start(self, req: api.StartRequest, ctx: RequestContext) -> api.StartResponse:
         container, process = self._process(req.id, req.exec_id)
@@ -347,12 +355,10 @@ class TaskService:
                     process_file,
                     pid_file,
                     io.runc_fds(),
-                    console_socket=_console_socket(io),
+                    console_socket=io.console_socket,
                 )
-            io.close_after_start()
+            await io.runc_started()
             process.set_running(bundlefiles.read_pid(pid_file))
-            if isinstance(io, ConsoleIO):
-                await io.receive_master()
             io.start(container.nursery)
         except BaseException as exc:
             self._unsubscribe(subscriber)
@@ -412,7 +418,7 @@ class TaskService:
         _, process = self._process(req.id, req.exec_id)
         if not process.is_init and process.status == Status.STOPPED:
             raise status.unknown("cannot resize a stopped container")
-        if isinstance(process.io, ConsoleIO):  # no pty without a terminal: nothing to resize
+        if process.io is not None:
             try:
                 process.io.resize(req.width, req.height)
             except OSError as exc:

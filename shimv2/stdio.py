@@ -181,7 +181,16 @@ def logger_argv(uri: str) -> list[str]:
 
 
 class PipeIO:
-    """Pipes for one process, and the copy loops between them and the client's ends."""
+    """Pipes for one process, and the copy loops between them and the client's ends.
+
+    The stdio interface the service uses, shared with
+    :class:`~shimv2.console.ConsoleIO`: ``ready`` (before runc), ``runc_fds`` and
+    ``console_socket`` (for runc), ``runc_started`` (after runc), ``start`` (copy
+    loops), ``close_stdin``, ``resize``, ``process_exited``, ``wait_output``,
+    ``close`` and ``shutdown_logger``.
+    """
+
+    console_socket = ""  # pipes need no console
 
     def __init__(
         self,
@@ -309,8 +318,18 @@ class PipeIO:
         """fds 0-2 for runc (None: /dev/null)."""
         return dict(self._runc_fds)
 
+    async def runc_started(self) -> None:
+        """runc handed the container its ends of the pipes."""
+        self.close_after_start()
+
+    def resize(self, width: int, height: int) -> None:
+        """No pty, nothing to resize."""
+
+    def process_exited(self) -> None:
+        """Pipes end by themselves when the last writer is gone."""
+
     def close_after_start(self) -> None:
-        """runc handed the container its ends: drop ours, or the loops never see EOF."""
+        """Drop our copies of the container's ends, or the loops never see EOF."""
         for fd in self._ours:
             with contextlib.suppress(OSError):
                 os.close(fd)
