@@ -89,6 +89,30 @@ class Process:
             if self.status == Status.STOPPED:
                 raise status.not_found("process already finished")
 
+    def check_pause(self) -> None:
+        if self.deleted:
+            raise status.unknown("cannot pause a deleted process")
+        if self.status == Status.CREATED:
+            raise status.unknown("cannot pause task in created state")
+        if self.status != Status.RUNNING:
+            raise status.unknown(f"cannot pause a {self._state_name()} container")
+
+    def check_resume(self) -> None:
+        if self.deleted:
+            raise status.unknown("cannot resume a deleted process")
+        if self.status == Status.CREATED:
+            raise status.unknown("cannot resume task in created state")
+        if self.status == Status.RUNNING:
+            raise status.unknown("cannot resume a running process")
+        if self.status != Status.PAUSED:
+            raise status.unknown(f"cannot resume a {self._state_name()} container")
+
+    def check_update(self) -> None:
+        if self.deleted:
+            raise status.unknown("cannot update a deleted process")
+        if self.status == Status.STOPPED:
+            raise status.unknown("cannot update a stopped container")
+
     def attach_io(self, io: PipeIO | ConsoleIO) -> None:
         self.io = io
         if self._stdin_close_requested:

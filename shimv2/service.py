@@ -112,6 +112,9 @@ class TaskService:
             "Exec": Method(api.ExecProcessRequest, self.exec),
             "CloseIO": Method(api.CloseIORequest, self.close_io),
             "ResizePty": Method(api.ResizePtyRequest, self.resize_pty),
+            "Pause": Method(api.PauseRequest, self.pause),
+            "Resume": Method(api.ResumeRequest, self.resume),
+            "Update": Method(api.UpdateTaskRequest, self.update),
         }
 
     # -- lookups ----------------------------------------------------------------
@@ -174,6 +177,12 @@ class TaskService:
                     await container.runc.kill(container.id, signal.SIGKILL, all=True)
                 except RuncError as exc:
                     log.warning("kill --all after init exit of %s: %s", container.id, exc)
+            if process.status in (Status.PAUSED, Status.PAUSING):
+                # Killed while frozen: thaw the cgroup so runc can delete it.
+                try:
+                    await container.runc.resume(container.id)
+                except RuncError as exc:
+                    log.warning("resume after exit of paused %s: %s", container.id, exc)
             # The execs die with the init; their exits are published first.
             await container.execs_idle.wait()
         if process.io is not None:
@@ -524,6 +533,54 @@ class TaskService:
                 os.kill(process.pid, req.signal)
             except ProcessLookupError as exc:
                 raise kill_error(exc) from exc
+        return empty_pb2.Empty()
+
+    async def pause(self, req: api.PauseRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        container = self._container(req.id)
+        init = container.init
+        init.check_pause()
+        init.status = Status.PAUSING
+        try:
+            await container.runc.pause(container.id)
+        except RuncError as exc:
+            if init.status == Status.PAUSING:
+                init.status = Status.RUNNING
+            raise status.unknown(f"OCI runtime pause failed: {exc.message}") from exc
+        if init.status == Status.PAUSING:  # not exited meanwhile
+            init.status = Status.PAUSED
+        self._publisher.publish("/tasks/paused", events.TaskPaused(container_id=container.id))
+        return empty_pb2.Empty()
+
+    async def resume(self, req: api.ResumeRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        container = self._container(req.id)
+        init = container.init
+        init.check_resume()
+        try:
+            await container.runc.resume(container.id)
+        except RuncError as exc:
+            raise status.unknown(f"OCI runtime resume failed: {exc.message}") from exc
+        if init.status == Status.PAUSED:
+            init.status = Status.RUNNING
+        self._publisher.publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
+        return empty_pb2.Empty()
+
+    async def update(self, req: api.UpdateTaskRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        container = self._container(req.id)
+        container.init.check_update()
+        if req.resources.type_url.rsplit("/", 1)[-1] != "LinuxResources":
+            raise status.invalid_argument(
+                f"resources must be a LinuxResources, not {req.resources.type_url!r}"
+            )
+        try:
+            resources = json.loads(req.resources.value)
+            if not isinstance(resources, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise status.invalid_argument(f"invalid LinuxResources: {exc}") from exc
+        try:
+            await container.runc.update(container.id, json.dumps(resources).encode())
+        except RuncError as exc:
+            raise status.unknown(f"OCI runtime update failed: {exc.message}") from exc
         return empty_pb2.Empty()
 
     async def pids(self, req: api.PidsRequest, ctx: RequestContext) -> api.PidsResponse:
