@@ -170,10 +170,11 @@ def _mounts(mountinfo: str) -> list[tuple[str, str]]:
     with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
-            # Optional fields end at "-"; the fs type follows it.
-            if "-" not in fields[6:] or len(fields) < 9:
+            # Optional fields (from the 7th on) end at "-"; the fs type follows it.
+            try:
+                sep = fields.index("-", 6)
+            except ValueError:
                 continue
-            sep = fields.index("-", 6)
             if sep + 1 >= len(fields):
                 continue
             point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
