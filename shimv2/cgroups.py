@@ -332,6 +332,12 @@ class CgroupV1:
                 fill(d, m)
         return m
 
+    def oom_kills(self) -> int | None:
+        """The kernel's OOM-kill count for this cgroup (``memory.oom_control``)."""
+        d = self.dir("memory")
+        counters = _kv_file(os.path.join(d, "memory.oom_control")) if d else None
+        return None if counters is None else counters.get("oom_kill")
+
     async def watch_oom(self, on_oom: Callable[[], None]) -> None:
         """:func:`watch_oom_v1` on the memory cgroup; returns at once without one."""
         d = self.dir("memory")
@@ -627,6 +633,11 @@ class CgroupV2:
                 entries.add(device=device, hca_handles=handles, hca_objects=objects)
         m.hugetlb.extend(_hugetlb_v2(d))
         return m
+
+    def oom_kills(self) -> int | None:
+        """The kernel's OOM-kill count for this cgroup (``memory.events``)."""
+        counters = _kv_file(os.path.join(self.dir, "memory.events"))
+        return None if counters is None else counters.get("oom_kill")
 
     async def watch_oom(self, on_oom: Callable[[], None]) -> None:
         await watch_oom_v2(self.dir, on_oom)

@@ -10,6 +10,7 @@ import os
 import trio
 
 from shimv2 import mount
+from shimv2.cgroups import CgroupV1, CgroupV2
 from shimv2.options import ShimOptions
 from shimv2.process import Process
 from shimv2.runc import Runc
@@ -56,6 +57,8 @@ class Container:
         self.execs_idle.set()
         self.mounted_rootfs = False
         self.own_pid_namespace = has_own_pid_namespace(bundle)
+        self.cgroup: CgroupV1 | CgroupV2 | None = None
+        self.oom_kills_published = 0
         self._nursery: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
 

@@ -23,6 +23,7 @@ import trio
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from shimv2 import bundle as bundlefiles
+from shimv2 import cgroups
 from shimv2 import options as shimoptions
 from shimv2.api.containerd.events import task_pb2 as events
 from shimv2.api.containerd.runc.options import oci_pb2
@@ -115,6 +116,7 @@ class TaskService:
             "Pause": Method(api.PauseRequest, self.pause),
             "Resume": Method(api.ResumeRequest, self.resume),
             "Update": Method(api.UpdateTaskRequest, self.update),
+            "Stats": Method(api.StatsRequest, self.stats),
         }
 
     # -- lookups ----------------------------------------------------------------
@@ -189,6 +191,7 @@ class TaskService:
             process.io.process_exited()  # a pty's output ends once drained
         if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
             log.warning("%s: output still open %.0fs after exit", process.id, IO_FLUSH_TIMEOUT)
+        self._publish_ooms(container)
         process.set_exited(e.status, e.timestamp_ns)
         if process.is_init:
             record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)
@@ -298,6 +301,7 @@ class TaskService:
             await io.runc_started()
             init.pid = bundlefiles.read_pid(pid_file)
             io.start(container.nursery)
+            self._watch_cgroup(container)
         except BaseException as exc:
             self._unsubscribe(subscriber)
             with trio.CancelScope(shield=True):
@@ -308,6 +312,34 @@ class TaskService:
                 raise status.error_from_exception(exc) from exc
             raise
         return container, subscriber
+
+    def _watch_cgroup(self, container: Container) -> None:
+        """Find the container's cgroup (for Stats) and arm the OOM watcher right away."""
+        try:
+            container.cgroup = cgroups.detect(container.init.pid)
+        except (OSError, cgroups.CgroupError) as exc:
+            log.warning("no cgroup for %s: %s", container.id, exc)
+            return
+        container.oom_kills_published = container.cgroup.oom_kills() or 0
+
+        def on_oom() -> None:
+            self._publish_ooms(container, notified=True)
+
+        container.nursery.start_soon(container.cgroup.watch_oom, on_oom)
+
+    def _publish_ooms(self, container: Container, notified: bool = False) -> None:
+        """/tasks/oom for every OOM kill not yet reported (also called before an exit,
+        so a killed init's OOM event always precedes its /tasks/exit)."""
+        if container.cgroup is None:
+            return
+        count = container.cgroup.oom_kills()
+        if count is None:  # no counter (old kernel): trust the notification
+            new = 1 if notified else 0
+        else:
+            new = count - container.oom_kills_published
+            container.oom_kills_published = max(count, container.oom_kills_published)
+        if new > 0:
+            self._publisher.publish("/tasks/oom", events.TaskOOM(container_id=container.id))
 
     async def _abort_create(self, container: Container, created: bool) -> None:
         """Undo a failed Create: nothing of the container may be left behind."""
@@ -582,6 +614,16 @@ class TaskService:
         except RuncError as exc:
             raise status.unknown(f"OCI runtime update failed: {exc.message}") from exc
         return empty_pb2.Empty()
+
+    async def stats(self, req: api.StatsRequest, ctx: RequestContext) -> api.StatsResponse:
+        container = self._container(req.id)
+        if container.cgroup is None:
+            raise status.not_found("cgroup does not exist")
+        try:
+            metrics = container.cgroup.stats()
+        except cgroups.CgroupGone as exc:
+            raise status.not_found("cgroup does not exist") from exc
+        return api.StatsResponse(stats=pack(metrics))
 
     async def pids(self, req: api.PidsRequest, ctx: RequestContext) -> api.PidsResponse:
         container = self._container(req.id)
