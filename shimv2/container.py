@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Any
 
 import trio
 
@@ -18,19 +19,34 @@ from shimv2.runc import Runc
 log = logging.getLogger(__name__)
 
 
-def has_own_pid_namespace(bundle: str) -> bool:
-    """True when config.json gives the container a new PID namespace (no path).
+def read_linux_spec(bundle: str) -> dict[str, Any]:
+    """The ``linux`` section of the bundle's config.json ({} if unreadable)."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            linux = json.load(f).get("linux")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return linux if isinstance(linux, dict) else {}
+
+
+def has_own_pid_namespace(linux: dict[str, Any]) -> bool:
+    """True when the spec gives the container a new PID namespace (no path).
 
     Without one, the processes left when the init exits must be killed by us;
     any doubt counts as "not own" so that they are.
     """
-    try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
-            spec = json.load(f)
-        namespaces = spec["linux"]["namespaces"]
-    except (OSError, ValueError, KeyError, TypeError):
+    namespaces = linux.get("namespaces")
+    if not isinstance(namespaces, list):
         return False
-    return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+    return any(
+        isinstance(ns, dict) and ns.get("type") == "pid" and not ns.get("path") for ns in namespaces
+    )
+
+
+def wants_systemd_cgroup(linux: dict[str, Any]) -> bool:
+    """A ``slice:prefix:name`` cgroupsPath is systemd's (CRI writes it so even when it
+    cannot tell a non-runc runtime to use the systemd driver)."""
+    return ":" in str(linux.get("cgroupsPath") or "")
 
 
 class Container:
@@ -56,7 +72,7 @@ class Container:
         self.execs_idle = trio.Event()
         self.execs_idle.set()
         self.mounted_rootfs = False
-        self.own_pid_namespace = has_own_pid_namespace(bundle)
+        self.own_pid_namespace = has_own_pid_namespace(read_linux_spec(bundle))
         self.cgroup: CgroupV1 | CgroupV2 | None = None
         self.oom_kills_published = 0
         self._nursery: trio.Nursery | None = None

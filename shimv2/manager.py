@@ -133,6 +133,39 @@ def _adjust_oom_score(pid: int) -> None:
         pass  # unprivileged or containerd gone: the Go shim ignores this too
 
 
+def _read_stdin() -> bytes:
+    try:
+        return sys.stdin.buffer.read()
+    except (OSError, AttributeError):
+        return b""
+
+
+def _shim_cgroup(options: bytes) -> str:
+    """The cgroup the daemon goes into; options we cannot read name none (Create
+    reports bad options properly, and start must never fail on an unknown type)."""
+    if not options:
+        return ""
+    from shimv2.options import shim_cgroup_from_any
+
+    try:
+        return shim_cgroup_from_any(options)
+    except (ValueError, OSError):
+        return ""
+
+
+def _create_sched_core_cookie() -> None:
+    """SCHED_CORE: a core-scheduling cookie for our process group, which the daemon
+    and through it every container process inherit (containerd's sched_core)."""
+    import ctypes
+    import ctypes.util
+
+    pr_sched_core, pr_sched_core_create, pidtype_pgid = 62, 1, 2
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(pr_sched_core, pr_sched_core_create, 0, pidtype_pgid, 0) != 0:
+        err = ctypes.get_errno()
+        raise StartError(f"enable sched core support: {os.strerror(err)}")
+
+
 def start(flags: Flags) -> int:
     if not flags.namespace:
         sys.stderr.write("shim namespace cannot be empty\n")
@@ -141,10 +174,8 @@ def start(flags: Flags) -> int:
         sys.stderr.write("shim id cannot be empty\n")
         return 1
     bundle = os.getcwd()
-    # containerd writes the runtime options on stdin; they are read again from
-    # Create, so start only drains them.
-    with contextlib.suppress(OSError):
-        sys.stdin.buffer.read()
+    # The runtime options arrive again with Create; start only needs the shim cgroup.
+    shim_cgroup = _shim_cgroup(_read_stdin())
     path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id))
     address = _UNIX_PREFIX + path
     pid = 0
@@ -152,8 +183,14 @@ def start(flags: Flags) -> int:
     try:
         listener = bind_socket(path)
         if listener is not None:
+            if os.environ.get("SCHED_CORE"):
+                _create_sched_core_cookie()
             pid = _spawn_daemon(flags, listener)
             listener.close()
+            if shim_cgroup:
+                from shimv2.cgroups import move_to_cgroup
+
+                move_to_cgroup(pid, shim_cgroup)
             _adjust_oom_score(pid)
             bundlefiles.write_atomic(os.path.join(bundle, "shim.pid"), str(pid))
         bundlefiles.write_atomic(os.path.join(bundle, "address"), address)

@@ -119,6 +119,32 @@ def from_any(type_url: str, value: bytes) -> ShimOptions:
     return ShimOptions()
 
 
+def shim_cgroup_from_any(data: bytes) -> str:
+    """The shim cgroup named in ``start``'s stdin (a serialized Any), without protobuf.
+
+    Field numbers: Any{type_url=1, value=2}; runc Options shim_cgroup=3; legacy
+    CreateOptions shim_cgroup=9; runtimeoptions config_path=2 / config_body=3
+    (TOML with ``ShimCgroup``). Anything else (or nothing) names no cgroup.
+    """
+    from shimv2 import protowire
+
+    envelope = protowire.fields(data)
+    name = type_name(protowire.last_string(envelope, 1))
+    value = protowire.fields(protowire.last_bytes(envelope, 2))
+    if name == RUNC_OPTIONS:
+        return protowire.last_string(value, 3)
+    if name == LEGACY_CREATE_OPTIONS:
+        return protowire.last_string(value, 9)
+    if name == RUNTIME_OPTIONS:
+        path = protowire.last_string(value, 2)
+        if path:
+            with open(path) as f:
+                return from_toml(f.read()).shim_cgroup
+        body = protowire.last_bytes(value, 3)
+        return from_toml(body.decode()).shim_cgroup if body else ""
+    return ""
+
+
 def _from_runc(value: bytes) -> ShimOptions:
     from shimv2.api.containerd.runc.options import oci_pb2
 

@@ -30,7 +30,7 @@ from shimv2.api.containerd.runc.options import oci_pb2
 from shimv2.api.containerd.task.v2 import shim_pb2 as api
 from shimv2.api.containerd.types.task import task_pb2 as tasktypes
 from shimv2.console import ConsoleIO
-from shimv2.container import Container
+from shimv2.container import Container, read_linux_spec, wants_systemd_cgroup
 from shimv2.events import Publisher, pack
 from shimv2.mount import Mount
 from shimv2.process import Process, Status, kill_error
@@ -272,6 +272,8 @@ class TaskService:
             opts = shimoptions.from_any(req.options.type_url, req.options.value)
         except ValueError as exc:
             raise status.invalid_argument(str(exc)) from exc
+        if wants_systemd_cgroup(read_linux_spec(req.bundle)):
+            opts.systemd_cgroup = True
         bundlefiles.write_runc_options(req.bundle, opts)
         stdio = StdioSpec(req.stdin, req.stdout, req.stderr, req.terminal)
         init = Process(req.id, "", stdio)

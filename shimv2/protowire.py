@@ -1,0 +1,68 @@
+"""A minimal protobuf wire-format reader for the ``start`` path.
+
+``start`` must answer containerd in milliseconds and so cannot import
+protobuf, yet it has to look into the options on its stdin (the shim cgroup).
+Only what that needs: varints and length-delimited fields.
+"""
+
+from __future__ import annotations
+
+VARINT = 0
+FIXED64 = 1
+LENGTH_DELIMITED = 2
+FIXED32 = 5
+
+
+class WireError(ValueError):
+    pass
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise WireError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def fields(data: bytes) -> dict[int, list[int | bytes]]:
+    """Every field of a message: number -> values in order (ints or raw bytes)."""
+    out: dict[int, list[int | bytes]] = {}
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        value: int | bytes
+        if wire_type == VARINT:
+            value, pos = _varint(data, pos)
+        elif wire_type == LENGTH_DELIMITED:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise WireError("truncated field")
+            value, pos = data[pos : pos + length], pos + length
+        elif wire_type in (FIXED64, FIXED32):
+            size = 8 if wire_type == FIXED64 else 4
+            if pos + size > len(data):
+                raise WireError("truncated field")
+            value, pos = int.from_bytes(data[pos : pos + size], "little"), pos + size
+        else:
+            raise WireError(f"unsupported wire type {wire_type}")
+        if number == 0:
+            raise WireError("field number 0")
+        out.setdefault(number, []).append(value)
+    return out
+
+
+def last_bytes(msg: dict[int, list[int | bytes]], number: int) -> bytes:
+    """The last length-delimited value of a field (proto3: last one wins), or b""."""
+    values = [v for v in msg.get(number, []) if isinstance(v, bytes)]
+    return values[-1] if values else b""
+
+
+def last_string(msg: dict[int, list[int | bytes]], number: int) -> str:
+    return last_bytes(msg, number).decode(errors="replace")

@@ -1,0 +1,74 @@
+"""Shim-level options applied by ``start`` (pyshim): the shim cgroup and oom_score_adj.
+
+``ctr --runtime-config-path`` sends ``runtimeoptions.v1.Options`` pointing at a
+TOML file, exactly what CRI sends to a non-runc runtime; ``ShimCgroup`` there
+must put the daemon into that (pre-created) cgroup, as containerd's
+TestShimInCgroup checks, and the daemon's oom_score_adj must be containerd's + 1
+(TestShimOOMScore).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .harness import RUNNING, STOPPED, Containerd
+
+pytestmark = pytest.mark.e2e
+
+PYSHIM = "io.containerd.pyshim.v2"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@pytest.fixture
+def shim_cgroup() -> Iterator[str]:
+    """A fresh cgroup in every v1 hierarchy (as containerd's test pre-creates it)."""
+    name = f"/pyshim-shim-{uuid.uuid4().hex[:8]}"
+    made = []
+    for hierarchy in ("devices", "pids", "memory"):
+        path = CGROUP_ROOT / hierarchy / name.lstrip("/")
+        path.mkdir()
+        made.append(path)
+    yield name
+    for path in made:
+        for _ in range(50):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_shim_cgroup_and_oom_score(
+    containerd: Containerd, rootfs: Path, cid: str, tmp_path: Path, shim_cgroup: str
+) -> None:
+    config = tmp_path / "pyshim.toml"
+    config.write_text(f'ShimCgroup = "{shim_cgroup}"\n')
+    r = containerd.ctr(
+        "run", "-d", "--runtime", PYSHIM, "--runtime-config-path", str(config),
+        "--rootfs", str(rootfs), cid, "/bin/sleep", "600",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    containerd.wait_task_status(cid, RUNNING, timeout=10)
+    shims = containerd.shim_processes(cid)
+    assert len(shims) == 1, shims
+    shim_pid = shims[0].pid
+    for hierarchy in ("devices", "pids", "memory"):
+        procs = (CGROUP_ROOT / hierarchy / shim_cgroup.lstrip("/") / "cgroup.procs").read_text()
+        assert str(shim_pid) in procs.split(), f"shim {shim_pid} not in {hierarchy}{shim_cgroup}"
+    containerd_pid = containerd.pid
+    assert containerd_pid
+    ours = int(Path(f"/proc/{containerd_pid}/oom_score_adj").read_text())
+    shim = int(Path(f"/proc/{shim_pid}/oom_score_adj").read_text())
+    assert shim == min(ours + 1, 1000)
+    containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    containerd.wait_task_status(cid, STOPPED, timeout=10)
+    containerd.ctr("task", "rm", cid)
+    containerd.ctr("container", "rm", cid)
+    containerd.assert_no_leaks(cid)
+    assert os.path.isdir(CGROUP_ROOT / "pids" / shim_cgroup.lstrip("/"))
