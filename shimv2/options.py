@@ -69,6 +69,8 @@ class ShimOptions:
     @classmethod
     def from_json(cls, text: str) -> ShimOptions:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("options must be a JSON object")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

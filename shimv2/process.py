@@ -47,6 +47,10 @@ class Process:
         self.pid = 0
         self.status = Status.CREATED
         self.deleted = False
+        # Set synchronously when a Start/Delete begins, so a concurrent second
+        # call is refused instead of running runc twice.
+        self.starting = False
+        self.deleting = False
         self.exit_status = 0
         self.exited_at_ns: int | None = None
         self.exited = trio.Event()
@@ -68,17 +72,25 @@ class Process:
         return ZERO_TIME_NS if self.exited_at_ns is None else self.exited_at_ns
 
     def _state_name(self) -> str:
-        return "deleted" if self.deleted else _NAMES.get(self.status, "unknown")
+        if self.deleted or self.deleting:
+            return "deleted"
+        if self.starting:
+            return "running"
+        return _NAMES.get(self.status, "unknown")
 
-    def check_start(self) -> None:
-        if self.deleted or self.status != Status.CREATED:
+    def begin_start(self) -> None:
+        """Check that Start may run and claim it; ``starting`` is reset by the caller."""
+        if self.deleted or self.deleting or self.starting or self.status != Status.CREATED:
             raise status.unknown(f"cannot start a {self._state_name()} process")
+        self.starting = True
 
-    def check_delete(self) -> None:
-        if self.deleted:
-            raise status.not_found(f"cannot delete a {self._state_name()} process")
-        if self.status in (Status.RUNNING, Status.PAUSED, Status.PAUSING):
+    def begin_delete(self) -> None:
+        """Check that Delete may run and claim it; ``deleting`` is reset on failure."""
+        if self.deleted or self.deleting:
+            raise status.not_found("cannot delete a deleted process")
+        if self.starting or self.status in (Status.RUNNING, Status.PAUSED, Status.PAUSING):
             raise status.unknown(f"cannot delete a {self._state_name()} process")
+        self.deleting = True
 
     def check_kill(self) -> None:
         if self.deleted:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -30,6 +31,54 @@ class RuncError(Exception):
         self.command = command
         self.message = message
         self.status = status
+
+
+@dataclass
+class CheckpointOpts:
+    """``runc checkpoint`` flags (containerd's CheckpointOptions, mapped)."""
+
+    image_path: str
+    work_path: str
+    leave_running: bool = True
+    tcp_established: bool = False
+    external_unix_sockets: bool = False
+    shell_job: bool = False
+    file_locks: bool = False
+    empty_namespaces: Sequence[str] = ()
+    cgroups_mode: str = ""
+
+    def args(self) -> list[str]:
+        args = ["--image-path", self.image_path, "--work-path", self.work_path]
+        for flag, on in (
+            ("--tcp-established", self.tcp_established),
+            ("--ext-unix-sk", self.external_unix_sockets),
+            ("--shell-job", self.shell_job),
+            ("--file-locks", self.file_locks),
+        ):
+            if on:
+                args.append(flag)
+        for ns in self.empty_namespaces:
+            args += ["--empty-ns", ns]
+        if self.cgroups_mode:
+            args += ["--manage-cgroups-mode", self.cgroups_mode]
+        if self.leave_running:
+            args.append("--leave-running")
+        return args
+
+
+@dataclass
+class RestoreOpts:
+    """``runc restore`` flags for a task created from a checkpoint."""
+
+    image_path: str
+    work_path: str
+    parent_path: str = ""
+
+    def args(self) -> list[str]:
+        args = ["--image-path", self.image_path, "--work-path", self.work_path]
+        if self.parent_path:
+            args += ["--parent-path", self.parent_path]
+        return args
 
 
 class Runc:
@@ -133,6 +182,29 @@ class Runc:
         if console_socket:
             args += ["--console-socket", console_socket]
         args += ["--detach", "--pid-file", pid_file, container_id]
+        await self._run(args, stdio=stdio)
+
+    async def checkpoint(self, container_id: str, opts: CheckpointOpts) -> None:
+        await self._run(["checkpoint", *opts.args(), container_id])
+
+    async def restore(
+        self,
+        container_id: str,
+        bundle: str,
+        pid_file: str,
+        stdio: Mapping[int, int | None],
+        opts: RestoreOpts,
+        *,
+        console_socket: str = "",
+        no_pivot: bool = False,
+    ) -> None:
+        args = ["restore", *opts.args(), "--detach", "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if no_pivot:
+            args.append("--no-pivot")
+        # The shim is the reaper: runc must not make itself the subreaper.
+        args += ["--no-subreaper", "--bundle", bundle, container_id]
         await self._run(args, stdio=stdio)
 
     async def kill(self, container_id: str, signal: int, *, all: bool = False) -> None:

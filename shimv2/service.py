@@ -159,6 +159,8 @@ class TaskService:
         """After the start event: handle an exit that raced the start, or watch the pid."""
         self._unsubscribe(subscriber)
         early = subscriber.get(process.pid) if process.pid else None
+        if any(p is process for _, p in self._running.get(process.pid, [])):
+            return  # already watched: never handle one exit twice
         if early:
             nursery = container.background() or self._nursery
             nursery.start_soon(self._handle_exit, container, process, early[0])
@@ -361,9 +363,15 @@ class TaskService:
 
     async def start(self, req: api.StartRequest, ctx: RequestContext) -> api.StartResponse:
         container, process = self._process(req.id, req.exec_id)
-        process.check_start()
-        if not process.is_init:
+        process.begin_start()
+        try:
+            if process.is_init:
+                return await self._start_init(container, process)
             return await self._start_exec(container, process)
+        finally:
+            process.starting = False
+
+    async def _start_init(self, container: Container, process: Process) -> api.StartResponse:
         # An exit during `runc start` must wait until /tasks/start is published.
         self._forget(container, process)
         subscriber = self._subscribe()
@@ -470,12 +478,16 @@ class TaskService:
 
     async def delete(self, req: api.DeleteRequest, ctx: RequestContext) -> api.DeleteResponse:
         container, process = self._process(req.id, req.exec_id)
-        process.check_delete()
-        if process.io is not None:
-            await process.io.wait_output(IO_FLUSH_TIMEOUT)
-        if process.is_init:
-            await self._delete_container(container)
-        else:
+        process.begin_delete()
+        try:
+            if process.io is not None:
+                await process.io.wait_output(IO_FLUSH_TIMEOUT)
+            if process.is_init:
+                await self._delete_container(container)
+        except BaseException:
+            process.deleting = False
+            raise
+        if not process.is_init:
             await self._close_io(process)
             process.mark_deleted()
             container.execs.pop(process.exec_id, None)
@@ -499,7 +511,7 @@ class TaskService:
         for process in [init, *container.execs.values()]:
             await self._close_io(process)
         container.close()
-        del self.containers[container.id]
+        self.containers.pop(container.id, None)
         unmount_error = None
         try:
             await trio.to_thread.run_sync(container.unmount_rootfs)

@@ -244,18 +244,21 @@ class PipeIO:
         for target, uri in ((1, spec.stdout), (2, spec.stderr)):
             if not uri:
                 continue
-            r, w = self._pipe()
-            os.fchown(w, uid, gid)
-            self._runc_fds[target] = w
-            self._ours.remove(r)
-            os.set_blocking(r, False)
-            _enlarge(r)
             key = _output_target(uri)
             # stdout and stderr to one file share it (each loop owns a dup).
             dst = os.dup(shared[key]) if key in shared else open_output(uri)
-            os.set_inheritable(dst, False)
             shared.setdefault(key, dst)
-            self._output_pumps.append((r, dst))
+            try:
+                r, w = self._pipe()
+            except OSError:
+                os.close(dst)
+                raise
+            self._ours.remove(r)
+            self._output_pumps.append((r, dst))  # owned by close() from here on
+            os.fchown(w, uid, gid)
+            self._runc_fds[target] = w
+            os.set_blocking(r, False)
+            _enlarge(r)
         if not self._output_pumps:
             self.output_done.set()
 

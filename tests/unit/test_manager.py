@@ -743,14 +743,6 @@ def test_delete_without_runc_binary_still_answers(
     assert shim_pb2.DeleteResponse.FromString(result.stdout).exit_status == 137
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: a non-object options.json (e.g. `null`) makes ShimOptions.from_json raise "
-        "AttributeError, which read_runc_options does not catch: `delete` exits 1 with a "
-        "traceback instead of answering with a DeleteResponse"
-    ),
-)
 def test_delete_with_non_object_options_json(tmp_path: Path, fake_runc_env: Path) -> None:
     bundle = make_bundle(tmp_path)
     (bundle / "options.json").write_text("null")

@@ -84,8 +84,8 @@ def test_status_values_match_containerd_enum() -> None:
 
 
 def test_start_allowed_only_when_created() -> None:
-    init().check_start()
-    exec_process().check_start()
+    init().begin_start()
+    exec_process().begin_start()
 
 
 @pytest.mark.parametrize("make", [init, exec_process])
@@ -100,7 +100,7 @@ def test_start_allowed_only_when_created() -> None:
 )
 def test_start_refused(make: object, state: str, message: str) -> None:
     p = in_state(make(), state)  # type: ignore[operator]
-    raises(p.check_start, Code.UNKNOWN, message)
+    raises(p.begin_start, Code.UNKNOWN, message)
 
 
 # -- Delete ---------------------------------------------------------------------
@@ -109,7 +109,7 @@ def test_start_refused(make: object, state: str, message: str) -> None:
 @pytest.mark.parametrize("make", [init, exec_process])
 @pytest.mark.parametrize("state", ["created", "stopped"])
 def test_delete_allowed(make: object, state: str) -> None:
-    in_state(make(), state).check_delete()  # type: ignore[operator]
+    in_state(make(), state).begin_delete()  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("make", [init, exec_process])
@@ -123,13 +123,13 @@ def test_delete_allowed(make: object, state: str) -> None:
 )
 def test_delete_refused(make: object, state: str, message: str) -> None:
     p = in_state(make(), state)  # type: ignore[operator]
-    raises(p.check_delete, Code.UNKNOWN, message)
+    raises(p.begin_delete, Code.UNKNOWN, message)
 
 
 @pytest.mark.parametrize("make", [init, exec_process])
 def test_delete_of_deleted_is_not_found(make: object) -> None:
     p = in_state(make(), "deleted")  # type: ignore[operator]
-    raises(p.check_delete, Code.NOT_FOUND, "cannot delete a deleted process: not found")
+    raises(p.begin_delete, Code.NOT_FOUND, "cannot delete a deleted process: not found")
 
 
 # -- Kill -----------------------------------------------------------------------

@@ -32,7 +32,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from fakes import install_fake_runc, read_records, run_in_subreaper, subcommands
 from google.protobuf import any_pb2, empty_pb2
@@ -1001,14 +1000,6 @@ async def _concurrent_delete(shim: Shim) -> None:
     assert codes == sorted(["ok", str(Code.NOT_FOUND)]), results
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: two concurrent Deletes of a stopped init both pass check_delete() before "
-        "`runc delete` returns; the second then hits `del self.containers[id]` in "
-        "_delete_container and fails with UNKNOWN \"'c1'\" (KeyError) instead of NOT_FOUND"
-    ),
-)
 def test_concurrent_delete_of_the_init(tmp_path: Path) -> None:
     run(tmp_path, _concurrent_delete)
 
@@ -1028,14 +1019,6 @@ async def _concurrent_exec_start(shim: Shim) -> None:
     await shim.kill_and_delete("c1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: Process.check_start() only looks at status, which stays CREATED until "
-        "`runc exec` returned; two concurrent Starts of one exec both run `runc exec`, "
-        "start two processes and publish two /tasks/exec-started and two /tasks/exit"
-    ),
-)
 def test_concurrent_start_of_an_exec_runs_it_once(tmp_path: Path) -> None:
     run(tmp_path, _concurrent_exec_start)
 
@@ -1051,13 +1034,5 @@ async def _concurrent_init_start(shim: Shim) -> None:
     await shim.call("Delete", api.DeleteRequest(id="c1"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: a second concurrent Start of the init fails in `runc start`, and its error "
-        "path calls _handle_started(), registering the init in _running a second time: "
-        "the init's exit is then handled twice and /tasks/exit is published twice"
-    ),
-)
 def test_concurrent_start_of_the_init_publishes_one_exit(tmp_path: Path) -> None:
     run(tmp_path, _concurrent_init_start)

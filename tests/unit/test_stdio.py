@@ -272,14 +272,6 @@ async def test_unknown_scheme_for_stderr_only(tmp_path: Path) -> None:
     assert info.value.code == Code.INVALID_ARGUMENT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: PipeIO._setup removes the output pipe's read end from self._ours before "
-        "_output_target()/open_output() can raise, so close() never closes it: one fd "
-        "leaks in the daemon per Create/Exec with a bad stdout/stderr"
-    ),
-)
 @pytest.mark.parametrize(
     "case", ["unknown-scheme", "unknown-scheme-stderr", "missing-file", "bad-file-uri"]
 )
