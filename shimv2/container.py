@@ -14,7 +14,7 @@ from shimv2 import mount
 from shimv2.cgroups import CgroupV1, CgroupV2
 from shimv2.options import ShimOptions
 from shimv2.process import Process
-from shimv2.runc import Runc
+from shimv2.runc import RestoreOpts, Runc
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Container:
         self.execs_idle.set()
         self.mounted_rootfs = False
         self.own_pid_namespace = has_own_pid_namespace(read_linux_spec(bundle))
+        self.restore: RestoreOpts | None = None  # created from a checkpoint: restored at Start
         self.cgroup: CgroupV1 | CgroupV2 | None = None
         self.oom_kills_published = 0
         self._nursery: trio.Nursery | None = None

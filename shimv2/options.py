@@ -147,6 +147,33 @@ def shim_cgroup_from_any(data: bytes) -> str:
     return ""
 
 
+CHECKPOINT_OPTIONS = "containerd.runc.v1.CheckpointOptions"
+LEGACY_CHECKPOINT_OPTIONS = "containerd.linux.runc.CheckpointOptions"
+
+
+def checkpoint_from_any(type_url: str, value: bytes) -> Any:
+    """CheckpointOptions of either type (same field names; 8 and 9 are swapped
+    between them, so decode by type URL). Absent → all defaults."""
+    from google.protobuf.message import DecodeError
+
+    from shimv2.api.containerd.linux.runctypes import runc_pb2
+    from shimv2.api.containerd.runc.options import oci_pb2
+
+    name = type_name(type_url)
+    types: dict[str, Any] = {
+        CHECKPOINT_OPTIONS: oci_pb2.CheckpointOptions,
+        LEGACY_CHECKPOINT_OPTIONS: runc_pb2.CheckpointOptions,
+    }
+    if not name:
+        return oci_pb2.CheckpointOptions()
+    if name not in types:
+        raise ValueError(f"unsupported checkpoint options type {type_url!r}")
+    try:
+        return types[name].FromString(value)
+    except DecodeError as exc:
+        raise ValueError(f"cannot decode {name}: {exc}") from exc
+
+
 def _from_runc(value: bytes) -> ShimOptions:
     from shimv2.api.containerd.runc.options import oci_pb2
 

@@ -119,6 +119,14 @@ class Process:
         if self.status != Status.PAUSED:
             raise status.unknown(f"cannot resume a {self._state_name()} container")
 
+    def check_checkpoint(self) -> None:
+        if self.deleted:
+            raise status.unknown("cannot checkpoint a deleted process")
+        if self.status == Status.CREATED:
+            raise status.unknown("cannot checkpoint a task in created state")
+        if self.status == Status.STOPPED:
+            raise status.unknown("cannot checkpoint a stopped container")
+
     def check_update(self) -> None:
         if self.deleted:
             raise status.unknown("cannot update a deleted process")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import tempfile
 import time
@@ -35,7 +36,7 @@ from shimv2.events import Publisher, pack
 from shimv2.mount import Mount
 from shimv2.process import Process, Status, kill_error
 from shimv2.reaper import Exit, Reaper
-from shimv2.runc import Runc, RuncError
+from shimv2.runc import CheckpointOpts, RestoreOpts, Runc, RuncError
 from shimv2.stdio import LoggerContext, PipeIO, StdioSpec
 from shimv2.ttrpc import Code, Method, RequestContext, TTRPCError, status
 
@@ -117,6 +118,7 @@ class TaskService:
             "Resume": Method(api.ResumeRequest, self.resume),
             "Update": Method(api.UpdateTaskRequest, self.update),
             "Stats": Method(api.StatsRequest, self.stats),
+            "Checkpoint": Method(api.CheckpointTaskRequest, self.checkpoint),
         }
 
     # -- lookups ----------------------------------------------------------------
@@ -244,8 +246,6 @@ class TaskService:
             raise status.invalid_argument(f"bundle {req.bundle!r} is not a directory")
         if not os.path.isfile(os.path.join(req.bundle, "config.json")):
             raise status.invalid_argument(f"bundle {req.bundle} has no config.json")
-        if req.checkpoint:
-            raise status.unimplemented("restore from a checkpoint")
         self._creating.add(req.id)
         try:
             container, subscriber = await self._create(req)
@@ -286,26 +286,34 @@ class TaskService:
             await trio.to_thread.run_sync(container.mount_rootfs, mounts)
         except OSError as exc:
             raise status.unknown(f"failed to mount rootfs component: {exc}") from exc
+        if req.checkpoint:
+            # Restored at Start (runc restore creates and starts in one go).
+            container.restore = RestoreOpts(
+                image_path=req.checkpoint,
+                work_path=opts.criu_work_path or os.path.join(req.bundle, "work"),
+                parent_path=req.parent_checkpoint,
+            )
         subscriber = self._subscribe()
         created = False
         try:
             io = await self._open_io(container, init)
             await self._nursery.start(container.run)
-            pid_file = os.path.join(req.bundle, "init.pid")
-            await runc.create(
-                req.id,
-                req.bundle,
-                pid_file,
-                io.runc_fds(),
-                console_socket=io.console_socket,
-                no_pivot=opts.no_pivot_root,
-                no_new_keyring=opts.no_new_keyring,
-            )
-            created = True
-            await io.runc_started()
-            init.pid = bundlefiles.read_pid(pid_file)
-            io.start(container.nursery)
-            self._watch_cgroup(container)
+            if container.restore is None:
+                pid_file = os.path.join(req.bundle, "init.pid")
+                await runc.create(
+                    req.id,
+                    req.bundle,
+                    pid_file,
+                    io.runc_fds(),
+                    console_socket=io.console_socket,
+                    no_pivot=opts.no_pivot_root,
+                    no_new_keyring=opts.no_new_keyring,
+                )
+                created = True
+                await io.runc_started()
+                init.pid = bundlefiles.read_pid(pid_file)
+                io.start(container.nursery)
+                self._watch_cgroup(container)
         except BaseException as exc:
             self._unsubscribe(subscriber)
             with trio.CancelScope(shield=True):
@@ -376,10 +384,14 @@ class TaskService:
         self._forget(container, process)
         subscriber = self._subscribe()
         try:
-            await container.runc.start(container.id)
+            if container.restore is not None:
+                await self._restore(container, process)
+            else:
+                await container.runc.start(container.id)
         except RuncError as exc:
             self._handle_started(container, process, subscriber)
-            raise status.unknown(f"OCI runtime start failed: {exc.message}") from exc
+            what = "restore" if container.restore is not None else "start"
+            raise status.unknown(f"OCI runtime {what} failed: {exc.message}") from exc
         except BaseException:
             self._handle_started(container, process, subscriber)
             raise
@@ -389,6 +401,25 @@ class TaskService:
         )
         self._handle_started(container, process, subscriber)
         return api.StartResponse(pid=process.pid)
+
+    async def _restore(self, container: Container, init: Process) -> None:
+        """``runc restore`` of a task created from a checkpoint: it runs from here on."""
+        assert container.restore is not None and init.io is not None
+        pid_file = os.path.join(container.bundle, "init.pid")
+        await container.runc.restore(
+            container.id,
+            container.bundle,
+            pid_file,
+            init.io.runc_fds(),
+            container.restore,
+            console_socket=init.io.console_socket,
+            no_pivot=container.options.no_pivot_root,
+        )
+        await init.io.runc_started()
+        init.pid = bundlefiles.read_pid(pid_file)
+        init.io.start(container.nursery)
+        self._watch_cgroup(container)
+        container.restore = None
 
     async def _start_exec(self, container: Container, process: Process) -> api.StartResponse:
         if container.init.status == Status.STOPPED or container.init.deleted:
@@ -608,6 +639,51 @@ class TaskService:
         if init.status == Status.PAUSED:
             init.status = Status.RUNNING
         self._publisher.publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
+        return empty_pb2.Empty()
+
+    async def checkpoint(
+        self, req: api.CheckpointTaskRequest, ctx: RequestContext
+    ) -> empty_pb2.Empty:
+        container = self._container(req.id)
+        container.init.check_checkpoint()
+        try:
+            o = shimoptions.checkpoint_from_any(req.options.type_url, req.options.value)
+        except ValueError as exc:
+            raise status.invalid_argument(str(exc)) from exc
+        image_path = req.path or o.image_path or container.options.criu_image_path
+        if not image_path:
+            raise status.invalid_argument("checkpoint needs an image path")
+        # Without a work path criu works in a scratch dir, removed afterwards.
+        work_path = o.work_path or container.options.criu_work_path
+        scratch = not work_path
+        if scratch:
+            work_path = os.path.join(container.bundle, "work", "criu-work")
+        opts = CheckpointOpts(
+            image_path=image_path,
+            work_path=work_path,
+            leave_running=not o.exit,
+            tcp_established=o.open_tcp,
+            external_unix_sockets=o.external_unix_sockets,
+            shell_job=o.terminal,
+            file_locks=o.file_locks,
+            empty_namespaces=list(o.empty_namespaces),
+            cgroups_mode=o.cgroups_mode,
+        )
+        try:
+            await container.runc.checkpoint(container.id, opts)
+        except RuncError as exc:
+            dump_log = os.path.join(container.bundle, "criu-dump.log")
+            with contextlib.suppress(OSError):
+                shutil.copyfile(os.path.join(work_path, "dump.log"), dump_log)
+            first_line = exc.message.splitlines()[0] if exc.message else "checkpoint failed"
+            raise status.unknown(f"{first_line} path= {dump_log}") from exc
+        finally:
+            if scratch:
+                shutil.rmtree(work_path, ignore_errors=True)
+        self._publisher.publish(
+            "/tasks/checkpointed",
+            events.TaskCheckpointed(container_id=container.id, checkpoint=image_path),
+        )
         return empty_pb2.Empty()
 
     async def update(self, req: api.UpdateTaskRequest, ctx: RequestContext) -> empty_pb2.Empty:

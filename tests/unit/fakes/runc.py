@@ -211,6 +211,34 @@ def cmd_create(root: str, args: list[str]) -> None:
         write_pid_file(str(flags["pid-file"]), pid)
 
 
+def cmd_restore(root: str, args: list[str]) -> None:
+    """Like create + start: the checkpointed process comes back running."""
+    flags, rest = take_flags(
+        args,
+        {"bundle", "b", "pid-file", "console-socket", "image-path", "work-path", "parent-path"},
+        {"detach", "d", "no-pivot", "no-subreaper"},
+    )
+    create_args = ["--bundle", str(flags.get("bundle") or os.getcwd())]
+    if flags.get("pid-file"):
+        create_args += ["--pid-file", str(flags["pid-file"])]
+    cmd_create(root, [*create_args, *rest])
+    cmd_start(root, rest)
+
+
+def cmd_checkpoint(root: str, args: list[str]) -> None:
+    flags, rest = take_flags(
+        args,
+        {"image-path", "work-path", "empty-ns", "manage-cgroups-mode", "parent-path"},
+        {"leave-running", "tcp-established", "ext-unix-sk", "shell-job", "file-locks"},
+    )
+    (cid,) = rest
+    data = State(root, cid).load()
+    os.makedirs(str(flags["image-path"]), exist_ok=True)
+    if not flags.get("leave-running"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(data["pid"], signal.SIGKILL)
+
+
 def cmd_start(root: str, args: list[str]) -> None:
     (cid,) = args
     state = State(root, cid)
@@ -357,6 +385,11 @@ def main(argv: list[str]) -> int:
             cmd_exec(root, args)
         elif command == "state":
             cmd_state(root, args)
+        elif command == "restore":
+            os.makedirs(root, exist_ok=True)
+            cmd_restore(root, args)
+        elif command == "checkpoint":
+            cmd_checkpoint(root, args)
         elif command == "pause":
             cmd_signal_all(root, args, signal.SIGSTOP)
         elif command == "resume":
