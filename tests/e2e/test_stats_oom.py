@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import RUNNING, STOPPED, Containerd
+from .harness import RUNNING, STOPPED, Containerd, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -56,4 +56,30 @@ def test_oom_event_before_exit(
     assert "/tasks/oom" in topics, topics
     assert topics.index("/tasks/oom") < topics.index("/tasks/exit"), topics
     containerd.ctr("container", "rm", cid)  # a foreground `ctr run` deleted the task
+    containerd.assert_no_leaks(cid)
+
+
+def test_pids_attach_exec_ids(containerd: Containerd, runtime: str, rootfs: Path, cid: str) -> None:
+    r = containerd.ctr(
+        "run", "-d", "--runtime", runtime, "--rootfs", str(rootfs), cid, "/bin/sleep", "600"
+    )
+    assert r.returncode == 0, r.stderr
+    containerd.wait_task_status(cid, RUNNING, timeout=10)
+    r = containerd.ctr("task", "exec", "-d", "--exec-id", "ex1", cid, "/bin/sleep", "500")
+    assert r.returncode == 0, r.stderr
+    init_pid = containerd.task_pid(cid)
+
+    def rows() -> dict[int, str]:
+        out = containerd.ctr("task", "ps", cid).stdout.splitlines()[1:]
+        return {int(line.split()[0]): line.split(None, 1)[1] for line in out if line.strip()}
+
+    wait_until(lambda: len(rows()) == 2, 10, what="init and exec in `ctr task ps`")
+    table = rows()
+    assert table.pop(init_pid) == "-"  # the init has no details
+    ((_, info),) = table.items()
+    assert "ExecID:ex1" in info, info  # decoded from containerd.runc.v1.ProcessDetails
+    containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    containerd.wait_task_status(cid, STOPPED, timeout=10)
+    containerd.ctr("task", "rm", cid)
+    containerd.ctr("container", "rm", cid)
     containerd.assert_no_leaks(cid)

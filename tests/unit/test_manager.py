@@ -800,3 +800,43 @@ def test_info_exits_0_with_no_output(
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     assert manager.info() == 0
     assert capfdbinary.readouterr() == (b"", b"")
+
+
+def sched_core_cookie(pid: int) -> int | None:
+    """The core-scheduling cookie of ``pid``; None when the kernel has no core scheduling."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    cookie = ctypes.c_ulong(0)
+    pr_sched_core, pr_sched_core_get, pidtype_pid = 62, 0, 0
+    if libc.prctl(pr_sched_core, pr_sched_core_get, pid, pidtype_pid, ctypes.byref(cookie)):
+        return None
+    return cookie.value
+
+
+def test_real_start_with_sched_core(real_shim: RealShim) -> None:
+    # containerd sets SCHED_CORE=1 when its runtime config says sched_core = true.
+    bundle = real_shim.bundle("b1")
+    result = subprocess.run(
+        real_shim.argv(),
+        cwd=bundle,
+        env={**real_shim.env(), "SCHED_CORE": "1"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=20,
+    )
+    real_shim.sockets.append(real_shim.expected_path())
+    pid = bundlefiles.read_pid(str(bundle / "shim.pid"))
+    if pid > 0:
+        real_shim.daemons.append(pid)
+    if sched_core_cookie(os.getpid()) is None:
+        # No core scheduling in this kernel: like the Go shim, start fails clearly
+        # and leaves no daemon and no socket behind.
+        assert result.returncode == 1
+        assert b"enable sched core support" in result.stderr, result.stderr
+        assert pid == 0 and not real_shim.daemons_of_namespace()
+        assert not os.path.exists(real_shim.expected_path())
+        return
+    assert result.returncode == 0, result.stderr
+    assert sched_core_cookie(pid), "the daemon has no core-scheduling cookie"
+    trio.run(connect_and_shutdown, f"unix://{real_shim.expected_path()}", "t1")
