@@ -9,6 +9,7 @@ TestShimInCgroup checks, and the daemon's oom_score_adj must be containerd's + 1
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -72,3 +73,22 @@ def test_shim_cgroup_and_oom_score(
     containerd.ctr("container", "rm", cid)
     containerd.assert_no_leaks(cid)
     assert os.path.isdir(CGROUP_ROOT / "pids" / shim_cgroup.lstrip("/"))
+
+
+def test_no_pivot_from_legacy_create_options(
+    containerd: Containerd, rootfs: Path, cid: str
+) -> None:
+    # ctr 1.6 sends containerd.linux.runc.CreateOptions{no_pivot_root} to non-runc runtimes.
+    r = containerd.ctr(
+        "run", "-d", "--no-pivot", "--runtime", PYSHIM, "--rootfs", str(rootfs), cid,
+        "/bin/sleep", "600",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    containerd.wait_task_status(cid, RUNNING, timeout=10)
+    effective = json.loads((containerd.bundle_dir(cid) / "options.json").read_text())
+    assert effective.get("no_pivot_root") is True, effective
+    containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    containerd.wait_task_status(cid, STOPPED, timeout=10)
+    containerd.ctr("task", "rm", cid)
+    containerd.ctr("container", "rm", cid)
+    containerd.assert_no_leaks(cid)
