@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import trio
 
-from shimv2.stdio import StdioSpec, open_output
+from shimv2.stdio import BinaryLogger, LoggerContext, StdioSpec, open_output
 from shimv2.ttrpc import status
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,9 @@ class ConsoleIO:
     :meth:`receive_master`, :meth:`resize` and :meth:`process_exited`.
     """
 
-    def __init__(self, spec: StdioSpec) -> None:
+    def __init__(self, spec: StdioSpec, logger: LoggerContext | None = None) -> None:
         self.spec = spec
+        self._logger: BinaryLogger | None = None
         self.output_done = trio.Event()
         self._exited = trio.Event()
         self._master = -1  # owned here until close(); loops read it through self
@@ -163,17 +164,21 @@ class ConsoleIO:
         self._started = False
         self._closed = False
         try:
-            self._setup()
+            self._setup(logger)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self) -> None:
+    def _setup(self, logger: LoggerContext | None) -> None:
         spec = self.spec
-        scheme = urlparse(spec.stdout).scheme
-        if scheme == "binary":
-            raise status.unimplemented("binary:// log URIs for terminal processes")
-        if spec.stdout:
+        if urlparse(spec.stdout).scheme == "binary":
+            if logger is None:
+                raise status.invalid_argument("binary log URIs are not supported here")
+            # The pty's output goes to the logger's stdout pipe; its stderr stays unused.
+            self._logger = BinaryLogger(spec.stdout, logger)
+            self._stdout = os.dup(self._logger.stdout_fd)
+            os.set_blocking(self._stdout, False)
+        elif spec.stdout:
             self._stdout = open_output(spec.stdout)  # a FIFO: O_RDWR | O_NONBLOCK
         if spec.stdin:
             self._stdin = os.open(spec.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -184,10 +189,14 @@ class ConsoleIO:
     # -- the PipeIO interface ---------------------------------------------------
 
     async def ready(self, timeout: float = RECEIVE_TIMEOUT) -> None:
-        """Nothing to wait for: no logger with a terminal (yet)."""
+        """Wait for a ``binary://`` logger to be ready; nothing to wait for otherwise."""
+        if self._logger is not None:
+            await self._logger.ready(timeout)
 
     async def shutdown_logger(self, timeout: float = 12.0) -> None:
-        """Nothing to stop: no logger with a terminal (yet)."""
+        """After close(): stop a ``binary://`` logger."""
+        if self._logger is not None:
+            await self._logger.shutdown(timeout)
 
     def runc_fds(self) -> dict[int, int | None]:
         """runc's own stdio is /dev/null: the container gets the pty's slave."""
@@ -258,6 +267,8 @@ class ConsoleIO:
             setattr(self, name, -1)
             _close(fd)
         self.close_stdin()
+        if self._logger is not None:
+            self._logger.close()
         if not self._started:
             self.output_done.set()
 

@@ -219,10 +219,10 @@ class TaskService:
     async def _open_io(self, container: Container, process: Process) -> PipeIO | ConsoleIO:
         """The process's stdio, attached to it, ready for runc (a logger is running)."""
         io: PipeIO | ConsoleIO
+        logger = LoggerContext(self._reaper.spawn, process.id, self.namespace)
         if process.stdio.terminal:
-            io = ConsoleIO(process.stdio)
+            io = ConsoleIO(process.stdio, logger)
         else:
-            logger = LoggerContext(self._reaper.spawn, process.id, self.namespace)
             io = PipeIO(process.stdio, *container.io_owner, logger=logger)
         process.attach_io(io)
         await io.ready()

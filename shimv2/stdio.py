@@ -180,6 +180,84 @@ def logger_argv(uri: str) -> list[str]:
     return argv
 
 
+class BinaryLogger:
+    """A ``binary://`` logger: it reads the process's output pipes itself.
+
+    Started before the container (its fds: 3 = stdout pipe, 4 = stderr pipe,
+    5 = readiness), reaped by our reaper; we keep the pipes' write ends until
+    :meth:`close`, so it sees EOF only when the process is deleted.
+    """
+
+    def __init__(self, uri: str, ctx: LoggerContext, uid: int = 0, gid: int = 0) -> None:
+        argv = logger_argv(uri)
+        self.stdout_fd = self.stderr_fd = self._ready_fd = -1
+        self._child: Child | None = None
+        theirs: list[int] = []
+        try:
+            out_r, self.stdout_fd = os.pipe2(os.O_CLOEXEC)
+            theirs.append(out_r)
+            err_r, self.stderr_fd = os.pipe2(os.O_CLOEXEC)
+            theirs.append(err_r)
+            self._ready_fd, ready_w = os.pipe2(os.O_CLOEXEC)
+            theirs.append(ready_w)
+            for fd in (self.stdout_fd, self.stderr_fd):
+                os.fchown(fd, uid, gid)
+            env = {"CONTAINER_ID": ctx.process_id, "CONTAINER_NAMESPACE": ctx.namespace}
+            try:
+                self._child = ctx.spawn(argv, env=env, fds={3: out_r, 4: err_r, 5: ready_w})
+            except OSError as exc:
+                raise status.unknown(f"failed to start logging binary {argv[0]}: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for fd in theirs:  # the logger has its own copies now
+                os.close(fd)
+
+    async def ready(self, timeout: float = 30.0) -> None:
+        """Wait until it says it is ready: a byte on fd 5, or closing it."""
+        if self._ready_fd < 0:
+            return
+        fd, self._ready_fd = self._ready_fd, -1
+        async with trio.lowlevel.FdStream(fd) as stream:
+            with trio.move_on_after(timeout) as scope:
+                signalled = bool(await stream.receive_some(1))
+        if scope.cancelled_caught:
+            raise status.unknown(f"logging binary did not become ready within {timeout:.0f}s")
+        child = self._child
+        assert child is not None
+        if not signalled:
+            # EOF: it closed fd 5 on purpose, or it died; give a dying one a moment.
+            with trio.move_on_after(0.05):
+                await child.wait()
+        if child.exit is not None:
+            raise status.unknown(
+                f"logging binary exited with status {child.exit.status} before the container "
+                "started"
+            )
+
+    def close(self) -> None:
+        """Close our write ends: the logger sees EOF once the container's are gone too."""
+        for fd in (self.stdout_fd, self.stderr_fd, self._ready_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.stdout_fd = self.stderr_fd = self._ready_fd = -1
+
+    async def shutdown(self, timeout: float = 12.0) -> None:
+        """After close(): SIGTERM the logger, SIGKILL it if it lingers."""
+        child = self._child
+        if child is None or child.exit is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGTERM)
+        with trio.move_on_after(timeout):
+            await child.wait()
+        if child.exit is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+
+
 class PipeIO:
     """Pipes for one process, and the copy loops between them and the client's ends.
 
@@ -209,10 +287,7 @@ class PipeIO:
         self._stdin_keepalive = -1
         self._stdin_close_requested = False
         self.output_done = trio.Event()
-        # binary:// logging: the logger reads the pipes itself
-        self._logger: Child | None = None
-        self._logger_ready_fd = -1
-        self._logger_writers: list[int] = []  # kept until close, so it sees EOF then
+        self._logger: BinaryLogger | None = None  # binary://: it reads the pipes itself
         try:
             self._setup(uid, gid, logger)
         except BaseException:
@@ -238,7 +313,10 @@ class PipeIO:
         if urlparse(spec.stdout).scheme == "binary":
             if logger is None:
                 raise status.invalid_argument("binary log URIs are not supported here")
-            self._start_logger(uid, gid, logger)
+            self._logger = BinaryLogger(spec.stdout, logger, uid, gid)
+            self._runc_fds[1] = self._logger.stdout_fd
+            self._runc_fds[2] = self._logger.stderr_fd
+            self.output_done.set()  # nothing for us to copy
             return
         shared: dict[str, int] = {}
         for target, uri in ((1, spec.stdout), (2, spec.stderr)):
@@ -262,60 +340,15 @@ class PipeIO:
         if not self._output_pumps:
             self.output_done.set()
 
-    def _start_logger(self, uid: int, gid: int, ctx: LoggerContext) -> None:
-        argv = logger_argv(self.spec.stdout)
-        out_r, out_w = self._pipe()
-        err_r, err_w = self._pipe()
-        ready_r, ready_w = self._pipe()
-        for fd in (out_w, err_w, ready_r):
-            self._ours.remove(fd)
-        self._logger_writers += [out_w, err_w]
-        self._logger_ready_fd = ready_r
-        for fd in (out_w, err_w):
-            os.fchown(fd, uid, gid)
-        env = {"CONTAINER_ID": ctx.process_id, "CONTAINER_NAMESPACE": ctx.namespace}
-        try:
-            self._logger = ctx.spawn(argv, env=env, fds={3: out_r, 4: err_r, 5: ready_w})
-        except OSError as exc:
-            raise status.unknown(f"failed to start logging binary {argv[0]}: {exc}") from exc
-        self._runc_fds[1], self._runc_fds[2] = out_w, err_w
-        self.close_after_start()  # the logger holds its ends now
-        self.output_done.set()  # nothing for us to copy
-
     async def ready(self, timeout: float = 30.0) -> None:
-        """Wait until a ``binary://`` logger says it is ready (a byte, or closing fd 5)."""
-        if self._logger_ready_fd < 0:
-            return
-        fd, self._logger_ready_fd = self._logger_ready_fd, -1
-        async with trio.lowlevel.FdStream(fd) as stream:
-            with trio.move_on_after(timeout) as scope:
-                signalled = bool(await stream.receive_some(1))
-        if scope.cancelled_caught:
-            raise status.unknown(f"logging binary did not become ready within {timeout:.0f}s")
-        logger = self._logger
-        assert logger is not None
-        if not signalled:
-            # EOF: it closed fd 5 on purpose, or it died; give a dying one a moment.
-            with trio.move_on_after(0.05):
-                await logger.wait()
-        if logger.exit is not None:
-            raise status.unknown(
-                f"logging binary exited with status {logger.exit.status} before the container "
-                "started"
-            )
+        """Wait for a ``binary://`` logger to be ready; nothing to wait for otherwise."""
+        if self._logger is not None:
+            await self._logger.ready(timeout)
 
     async def shutdown_logger(self, timeout: float = 12.0) -> None:
-        """After close(): SIGTERM the logger, SIGKILL it if it lingers."""
-        logger = self._logger
-        if logger is None or logger.exit is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(logger.pid, signal.SIGTERM)
-        with trio.move_on_after(timeout):
-            await logger.wait()
-        if logger.exit is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(logger.pid, signal.SIGKILL)
+        """After close(): stop a ``binary://`` logger."""
+        if self._logger is not None:
+            await self._logger.shutdown(timeout)
 
     def runc_fds(self) -> dict[int, int | None]:
         """fds 0-2 for runc (None: /dev/null)."""
@@ -382,10 +415,6 @@ class PipeIO:
                     os.close(fd)
         self._output_pumps.clear()
         self._stdin_pump = None
-        for fd in [*self._logger_writers, self._logger_ready_fd]:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._logger_writers.clear()
-        self._logger_ready_fd = -1
+        if self._logger is not None:
+            self._logger.close()
         self.close_stdin()

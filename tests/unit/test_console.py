@@ -24,7 +24,8 @@ import pytest
 import trio
 
 from shimv2.console import ConsoleIO, ConsoleSocket
-from shimv2.stdio import StdioSpec
+from shimv2.reaper import Reaper
+from shimv2.stdio import LoggerContext, StdioSpec
 from shimv2.ttrpc import Code, TTRPCError
 
 TIMEOUT = 20
@@ -223,10 +224,38 @@ async def test_no_stdout_discards_output(pty_pair: tuple[int, int], nursery: tri
     io.close()
 
 
-async def test_binary_stdout_with_terminal_is_unimplemented() -> None:
+async def test_binary_stdout_needs_a_logger_context() -> None:
     with pytest.raises(TTRPCError) as exc:
         ConsoleIO(StdioSpec(stdout="binary:///bin/logger", terminal=True))
-    assert exc.value.code == Code.UNIMPLEMENTED
+    assert exc.value.code == Code.INVALID_ARGUMENT
+
+
+async def test_binary_logger_gets_the_terminal_output(
+    tmp_path: Path, pty_pair: tuple[int, int], nursery: trio.Nursery
+) -> None:
+    master, slave = pty_pair
+    tty.setraw(slave)
+    logger = tmp_path / "logger.sh"
+    out = tmp_path / "logged"
+    logger.write_text('#!/bin/sh\nexec 5>&-\nexec /bin/cat <&3 > "$2"\n')
+    logger.chmod(0o755)
+    reaper = Reaper()
+    await nursery.start(reaper.run)
+    context = LoggerContext(reaper.spawn, "c1", "ns")
+    io = ConsoleIO(StdioSpec(stdout=f"binary://{logger}?file={out}", terminal=True), context)
+    await io.ready()
+    await attach(io, master)
+    io.start(nursery)
+    os.write(slave, b"through the pty to the logger\n")
+    os.close(slave)
+    io.process_exited()
+    assert await io.wait_output(TIMEOUT)
+    io.close()  # Delete: the logger sees EOF and exits by itself
+    with trio.fail_after(TIMEOUT):
+        while not out.exists() or not out.read_bytes():
+            await trio.sleep(0.01)
+    await io.shutdown_logger()
+    assert out.read_bytes() == b"through the pty to the logger\n"
 
 
 # --------------------------------------------------------------------------- resize
