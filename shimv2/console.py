@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import trio
 
 from shimv2.stdio import BinaryLogger, LoggerContext, StdioSpec, open_output
+from shimv2.tasks import Spawner
 from shimv2.ttrpc import status
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,6 @@ class ConsoleIO:
         self._stdout = -1  # owned here until the output loop takes it
         self._stdin = -1  # likewise for the stdin loop
         self._stdin_keepalive = -1
-        self._stdin_close_requested = False
         self._socket: ConsoleSocket | None = None
         self.console_socket = ""  # the path for runc's --console-socket
         self._scopes: list[trio.CancelScope] = []
@@ -225,7 +225,7 @@ class ConsoleIO:
         os.set_blocking(master, False)
         self._master = master
 
-    def start(self, nursery: trio.Nursery) -> None:
+    def start(self, nursery: Spawner) -> None:
         """Start the copy loops in ``nursery`` (the owning container's); they own their fds."""
         if self._master < 0:
             raise RuntimeError("ConsoleIO.start before receive_master")
@@ -240,7 +240,6 @@ class ConsoleIO:
 
     def close_stdin(self) -> None:
         """CloseIO: drop our keep-alive writer so stdin ends when the client's writer does."""
-        self._stdin_close_requested = True
         if self._stdin_keepalive >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._stdin_keepalive)

@@ -15,6 +15,7 @@ from shimv2.cgroups import CgroupV1, CgroupV2
 from shimv2.options import ShimOptions
 from shimv2.process import Process
 from shimv2.runc import RestoreOpts, Runc
+from shimv2.tasks import GuardedNursery
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Container:
         self.restore: RestoreOpts | None = None  # created from a checkpoint: restored at Start
         self.cgroup: CgroupV1 | CgroupV2 | None = None
         self.oom_kills_published = 0
-        self._nursery: trio.Nursery | None = None
+        self._nursery: GuardedNursery | None = None
         self._cancel = trio.CancelScope()
 
     @property
@@ -89,7 +90,7 @@ class Container:
         return os.path.join(self.bundle, "rootfs")
 
     @property
-    def nursery(self) -> trio.Nursery:
+    def nursery(self) -> GuardedNursery:
         assert self._nursery is not None, "container not running"
         return self._nursery
 
@@ -97,20 +98,21 @@ class Container:
         """Own the container's background tasks until :meth:`close`."""
         with self._cancel:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._nursery = GuardedNursery(nursery, f"container {self.id}")
                 task_status.started()
                 await trio.sleep_forever()
 
     def exec_started(self) -> None:
+        if self.running_execs == 0:  # a new idle event only when leaving idle
+            self.execs_idle = trio.Event()
         self.running_execs += 1
-        self.execs_idle = trio.Event()
 
     def exec_finished(self) -> None:
         self.running_execs -= 1
         if self.running_execs == 0:
             self.execs_idle.set()
 
-    def background(self) -> trio.Nursery | None:
+    def background(self) -> GuardedNursery | None:
         """The container's nursery, or None once it was closed."""
         return None if self._cancel.cancel_called else self._nursery
 

@@ -35,7 +35,8 @@ EVENT_FLUSH_TIMEOUT = 5.0
 
 
 def become_subreaper() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    from shimv2.libc import libc
+
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 

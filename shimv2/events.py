@@ -28,6 +28,7 @@ NAMESPACE_KEY = "containerd-namespace-ttrpc"
 FORWARD_TIMEOUT = 5.0
 FIRST_RETRY = 0.05
 MAX_RETRY = 2.0
+MAX_REFUSALS = 10  # answered errors (not an unreachable containerd) for one event
 
 
 def pack(message: Message) -> any_pb2.Any:
@@ -40,6 +41,7 @@ class Publisher:
         self._address = address.removeprefix("unix://")
         self._namespace = namespace
         self._queue: collections.deque[events_pb2.Envelope] = collections.deque()
+        self._head_failures = 0
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -96,9 +98,16 @@ class Publisher:
                     metadata=[(NAMESPACE_KEY, self._namespace)],
                 )
             except TTRPCError as exc:
-                if exc.code == Code.INVALID_ARGUMENT:
-                    log.error("containerd rejected event %s: %s", envelope.topic, exc)
-                    self._queue.popleft()
+                self._head_failures += 1
+                # Rejected as invalid, or refused again and again while containerd
+                # is up: this event will never go through; do not block the others.
+                if exc.code == Code.INVALID_ARGUMENT or self._head_failures >= MAX_REFUSALS:
+                    log.error("containerd refused event %s, dropping it: %s", envelope.topic, exc)
+                    self._pop()
                     continue
                 raise
-            self._queue.popleft()
+            self._pop()
+
+    def _pop(self) -> None:
+        self._queue.popleft()
+        self._head_failures = 0

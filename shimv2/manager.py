@@ -160,7 +160,8 @@ def _create_sched_core_cookie() -> None:
     import ctypes.util
 
     pr_sched_core, pr_sched_core_create, pidtype_pgid = 62, 1, 2
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    from shimv2.libc import libc
+
     if libc.prctl(pr_sched_core, pr_sched_core_create, 0, pidtype_pgid, 0) != 0:
         err = ctypes.get_errno()
         raise StartError(f"enable sched core support: {os.strerror(err)}")

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+from shimv2.libc import libc as _libc
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2

@@ -51,6 +51,9 @@ class Process:
         # call is refused instead of running runc twice.
         self.starting = False
         self.deleting = False
+        # The reaper saw it exit; the exit may still be being handled (status
+        # is set after the output is flushed). Nothing may signal or restart it.
+        self.reaped = False
         self.exit_status = 0
         self.exited_at_ns: int | None = None
         self.exited = trio.Event()
@@ -71,17 +74,26 @@ class Process:
     def exited_at_or_zero(self) -> int:
         return ZERO_TIME_NS if self.exited_at_ns is None else self.exited_at_ns
 
-    def _state_name(self) -> str:
+    @property
+    def state_name(self) -> str:
         if self.deleted or self.deleting:
             return "deleted"
+        if self.reaped:
+            return "stopped"
         if self.starting:
             return "running"
         return _NAMES.get(self.status, "unknown")
 
     def begin_start(self) -> None:
         """Check that Start may run and claim it; ``starting`` is reset by the caller."""
-        if self.deleted or self.deleting or self.starting or self.status != Status.CREATED:
-            raise status.unknown(f"cannot start a {self._state_name()} process")
+        if (
+            self.deleted
+            or self.deleting
+            or self.starting
+            or self.reaped
+            or self.status != Status.CREATED
+        ):
+            raise status.unknown(f"cannot start a {self.state_name} process")
         self.starting = True
 
     def begin_delete(self) -> None:
@@ -89,17 +101,17 @@ class Process:
         if self.deleted or self.deleting:
             raise status.not_found("cannot delete a deleted process")
         if self.starting or self.status in (Status.RUNNING, Status.PAUSED, Status.PAUSING):
-            raise status.unknown(f"cannot delete a {self._state_name()} process")
+            raise status.unknown(f"cannot delete a {self.state_name} process")
         self.deleting = True
 
     def check_kill(self) -> None:
         if self.deleted:
             raise status.not_found("cannot kill a deleted process")
         if not self.is_init:
+            if self.reaped or self.status == Status.STOPPED:
+                raise status.not_found("process already finished")  # its pid may be reused
             if self.status == Status.CREATED or not self.pid:
                 raise status.failed_precondition("process not created")
-            if self.status == Status.STOPPED:
-                raise status.not_found("process already finished")
 
     def check_pause(self) -> None:
         if self.deleted:
@@ -107,7 +119,7 @@ class Process:
         if self.status == Status.CREATED:
             raise status.unknown("cannot pause task in created state")
         if self.status != Status.RUNNING:
-            raise status.unknown(f"cannot pause a {self._state_name()} container")
+            raise status.unknown(f"cannot pause a {self.state_name} container")
 
     def check_resume(self) -> None:
         if self.deleted:
@@ -117,7 +129,7 @@ class Process:
         if self.status == Status.RUNNING:
             raise status.unknown("cannot resume a running process")
         if self.status != Status.PAUSED:
-            raise status.unknown(f"cannot resume a {self._state_name()} container")
+            raise status.unknown(f"cannot resume a {self.state_name} container")
 
     def check_checkpoint(self) -> None:
         if self.deleted:

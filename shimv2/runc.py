@@ -126,11 +126,11 @@ class Runc:
             output = b""
             async with trio.open_nursery() as nursery:
                 if in_w >= 0:
-                    nursery.start_soon(_feed, in_w, input or b"")
-                    in_w = -1  # owned by _feed now
+                    fd, in_w = in_w, -1  # owned by _feed now
+                    nursery.start_soon(_feed, fd, input or b"")
                 if out_r >= 0:
-                    output = await _read_all(out_r)
-                    out_r = -1
+                    fd, out_r = out_r, -1  # owned (and closed) by _read_all now
+                    output = await _read_all(fd)
                 status = await child.wait()
         finally:
             for fd in (out_r, out_w, in_r, in_w):

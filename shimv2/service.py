@@ -10,6 +10,7 @@ the start event, so ``/tasks/exit`` never precedes ``/tasks/start``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar, cast
 
 import trio
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -38,6 +40,7 @@ from shimv2.process import Process, Status, kill_error
 from shimv2.reaper import Exit, Reaper
 from shimv2.runc import CheckpointOpts, RestoreOpts, Runc, RuncError
 from shimv2.stdio import LoggerContext, PipeIO, StdioSpec
+from shimv2.tasks import GuardedNursery
 from shimv2.ttrpc import Code, Method, RequestContext, TTRPCError, status
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,22 @@ ExitSubscriber = dict[int, list[Exit]]
 def validate_id(value: str, what: str = "container id") -> None:
     if not value or len(value) > _MAX_ID or not _IDENTIFIER.match(value):
         raise status.invalid_argument(f"invalid {what} {value!r}")
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def _uncancellable(handler: Handler) -> Handler:
+    """Let a state-changing RPC finish even if containerd stops waiting (timeout_nano):
+    a Create, Start or Delete cut off halfway would leave runc and our tables apart.
+    containerd drops the late answer; the state stays whole."""
+
+    @functools.wraps(handler)
+    async def run(*args: Any) -> Any:
+        with trio.CancelScope(shield=True):
+            return await handler(*args)
+
+    return cast(Handler, run)
 
 
 @contextlib.contextmanager
@@ -93,8 +112,9 @@ class TaskService:
         self._creating: set[str] = set()
         self._reaper = reaper
         self._publisher = publisher
-        self._nursery = nursery
+        self._nursery = GuardedNursery(nursery, "shim")
         self._on_shutdown = on_shutdown
+        self._shutdown_requested = False
         # pid -> processes known to be started with that pid
         self._running: dict[int, list[tuple[Container, Process]]] = {}
         self._subscribers: list[ExitSubscriber] = []
@@ -143,8 +163,7 @@ class TaskService:
         for subscriber in self._subscribers:
             subscriber.setdefault(e.pid, []).append(e)
         for container, process in self._running.pop(e.pid, []):
-            nursery = container.background() or self._nursery
-            nursery.start_soon(self._handle_exit, container, process, e)
+            self._exited(container, process, e)
 
     def _subscribe(self) -> ExitSubscriber:
         subscriber: ExitSubscriber = {}
@@ -161,13 +180,18 @@ class TaskService:
         """After the start event: handle an exit that raced the start, or watch the pid."""
         self._unsubscribe(subscriber)
         early = subscriber.get(process.pid) if process.pid else None
-        if any(p is process for _, p in self._running.get(process.pid, [])):
-            return  # already watched: never handle one exit twice
+        if process.reaped or any(p is process for _, p in self._running.get(process.pid, [])):
+            return  # its exit is known or already watched: never handle one exit twice
         if early:
-            nursery = container.background() or self._nursery
-            nursery.start_soon(self._handle_exit, container, process, early[0])
+            self._exited(container, process, early[0])
         elif process.pid:
             self._running.setdefault(process.pid, []).append((container, process))
+
+    def _exited(self, container: Container, process: Process, e: Exit) -> None:
+        """The reaper saw ``process`` exit: mark it at once, handle it in the background."""
+        process.reaped = True
+        nursery = container.background() or self._nursery
+        nursery.start_soon(self._handle_exit, container, process, e)
 
     def _forget(self, container: Container, process: Process) -> None:
         entries = self._running.get(process.pid, [])
@@ -189,7 +213,12 @@ class TaskService:
                     await container.runc.resume(container.id)
                 except RuncError as exc:
                     log.warning("resume after exit of paused %s: %s", container.id, exc)
-            # The execs die with the init; their exits are published first.
+            # The execs die with the init (and if runc could not kill them, we do:
+            # an exec we have not reaped still owns its pid); their exits come first.
+            for exec_process in container.execs.values():
+                if exec_process.pid and not exec_process.reaped:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(exec_process.pid, signal.SIGKILL)
             await container.execs_idle.wait()
         if process.io is not None:
             process.io.process_exited()  # a pty's output ends once drained
@@ -200,7 +229,7 @@ class TaskService:
         if process.is_init:
             record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)
             try:
-                bundlefiles.write_exit(container.bundle, record)
+                await trio.to_thread.run_sync(bundlefiles.write_exit, container.bundle, record)
             except OSError as exc:
                 log.error("cannot persist the exit of %s: %s", container.id, exc)
         self._publisher.publish(
@@ -228,14 +257,18 @@ class TaskService:
         await io.ready()
         return io
 
-    async def _close_io(self, process: Process) -> None:
-        """Release a deleted process's stdio; a binary logger gets its SIGTERM."""
-        if process.io is not None:
-            process.io.close()
-            await process.io.shutdown_logger()
+    async def _close_io(self, *processes: Process) -> None:
+        """Release the stdio of deleted processes; their binary loggers are stopped together."""
+        ios = [p.io for p in processes if p.io is not None]
+        for io in ios:
+            io.close()
+        async with trio.open_nursery() as nursery:
+            for io in ios:
+                nursery.start_soon(io.shutdown_logger)
 
     # -- RPCs -------------------------------------------------------------------
 
+    @_uncancellable
     async def create(
         self, req: api.CreateTaskRequest, ctx: RequestContext
     ) -> api.CreateTaskResponse:
@@ -276,7 +309,7 @@ class TaskService:
             raise status.invalid_argument(str(exc)) from exc
         if wants_systemd_cgroup(read_linux_spec(req.bundle)):
             opts.systemd_cgroup = True
-        bundlefiles.write_runc_options(req.bundle, opts)
+        await trio.to_thread.run_sync(bundlefiles.write_runc_options, req.bundle, opts)
         stdio = StdioSpec(req.stdin, req.stdout, req.stderr, req.terminal)
         init = Process(req.id, "", stdio)
         runc = Runc(self._reaper, opts, self.namespace, req.bundle)
@@ -361,14 +394,14 @@ class TaskService:
             except RuncError as exc:
                 log.warning("cleaning up failed create of %s: %s", container.id, exc)
         self._forget(container, container.init)
+        await self._close_io(container.init)
         container.close()
-        if container.init.io is not None:
-            self._nursery.start_soon(container.init.io.shutdown_logger)
         try:
             await trio.to_thread.run_sync(container.unmount_rootfs)
         except OSError as exc:
             log.warning("cleaning up failed create of %s: %s", container.id, exc)
 
+    @_uncancellable
     async def start(self, req: api.StartRequest, ctx: RequestContext) -> api.StartResponse:
         container, process = self._process(req.id, req.exec_id)
         process.begin_start()
@@ -422,7 +455,8 @@ class TaskService:
         container.restore = None
 
     async def _start_exec(self, container: Container, process: Process) -> api.StartResponse:
-        if container.init.status == Status.STOPPED or container.init.deleted:
+        init = container.init
+        if init.reaped or init.status == Status.STOPPED or init.deleted:
             raise status.failed_precondition(
                 f"container {container.id} init process is not running"
             )
@@ -445,9 +479,7 @@ class TaskService:
         except BaseException as exc:
             self._unsubscribe(subscriber)
             container.exec_finished()
-            if process.io is not None:
-                process.io.close()
-                self._nursery.start_soon(process.io.shutdown_logger)
+            self._nursery.start_soon(self._close_io, process)
             # It never ran: it is stopped, and only Delete is left to do.
             process.set_exited(255, time.time_ns())
             if isinstance(exc, RuncError):
@@ -464,15 +496,15 @@ class TaskService:
         self._handle_started(container, process, subscriber)
         return api.StartResponse(pid=process.pid)
 
+    @_uncancellable
     async def exec(self, req: api.ExecProcessRequest, ctx: RequestContext) -> empty_pb2.Empty:
         validate_id(req.exec_id, "exec id")
         container = self._container(req.id)
         if req.exec_id in container.execs:
             raise status.already_exists(f"id {req.exec_id}")
         init = container.init
-        if init.deleted or init.status in (Status.STOPPED, Status.PAUSED, Status.PAUSING):
-            state = "deleted" if init.deleted else init.status.name.lower()
-            raise status.unknown(f"cannot exec in a {state} state")
+        if init.state_name in ("deleted", "stopped", "paused", "pausing"):
+            raise status.unknown(f"cannot exec in a {init.state_name} state")
         try:
             spec = json.loads(req.spec.value)
             if not isinstance(spec, dict) or not spec.get("args"):
@@ -507,6 +539,7 @@ class TaskService:
                 raise status.error_from_exception(exc) from exc
         return empty_pb2.Empty()
 
+    @_uncancellable
     async def delete(self, req: api.DeleteRequest, ctx: RequestContext) -> api.DeleteResponse:
         container, process = self._process(req.id, req.exec_id)
         process.begin_delete()
@@ -539,8 +572,7 @@ class TaskService:
                 raise status.unknown(f"failed to delete task: {exc.message}") from exc
         self._forget(container, init)
         init.mark_deleted()
-        for process in [init, *container.execs.values()]:
-            await self._close_io(process)
+        await self._close_io(init, *container.execs.values())
         container.close()
         self.containers.pop(container.id, None)
         unmount_error = None
@@ -557,6 +589,7 @@ class TaskService:
                 exited_at=_timestamp(init.exited_at_or_zero),
             ),
         )
+        self._shutdown_if_idle()
         if unmount_error is not None:
             raise status.unknown(f"failed rootfs umount: {unmount_error}")
 
@@ -597,6 +630,7 @@ class TaskService:
             exited_at=_timestamp(process.exited_at_or_zero),
         )
 
+    @_uncancellable
     async def kill(self, req: api.KillRequest, ctx: RequestContext) -> empty_pb2.Empty:
         container, process = self._process(req.id, req.exec_id)
         process.check_kill()
@@ -612,6 +646,7 @@ class TaskService:
                 raise kill_error(exc) from exc
         return empty_pb2.Empty()
 
+    @_uncancellable
     async def pause(self, req: api.PauseRequest, ctx: RequestContext) -> empty_pb2.Empty:
         container = self._container(req.id)
         init = container.init
@@ -628,6 +663,7 @@ class TaskService:
         self._publisher.publish("/tasks/paused", events.TaskPaused(container_id=container.id))
         return empty_pb2.Empty()
 
+    @_uncancellable
     async def resume(self, req: api.ResumeRequest, ctx: RequestContext) -> empty_pb2.Empty:
         container = self._container(req.id)
         init = container.init
@@ -641,6 +677,7 @@ class TaskService:
         self._publisher.publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
         return empty_pb2.Empty()
 
+    @_uncancellable
     async def checkpoint(
         self, req: api.CheckpointTaskRequest, ctx: RequestContext
     ) -> empty_pb2.Empty:
@@ -686,6 +723,7 @@ class TaskService:
         )
         return empty_pb2.Empty()
 
+    @_uncancellable
     async def update(self, req: api.UpdateTaskRequest, ctx: RequestContext) -> empty_pb2.Empty:
         container = self._container(req.id)
         container.init.check_update()
@@ -737,6 +775,12 @@ class TaskService:
         )
 
     async def shutdown(self, req: api.ShutdownRequest, ctx: RequestContext) -> empty_pb2.Empty:
-        if not self.containers and not self._creating:
-            self._on_shutdown()
+        # With containers left this is a no-op, but remembered: containerd 2.x sends no
+        # further Shutdown for a sandbox's containers, so the last Delete ends the shim.
+        self._shutdown_requested = True
+        self._shutdown_if_idle()
         return empty_pb2.Empty()
+
+    def _shutdown_if_idle(self) -> None:
+        if self._shutdown_requested and not self.containers and not self._creating:
+            self._on_shutdown()

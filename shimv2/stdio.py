@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, urlparse
 import trio
 
 from shimv2.reaper import Child
+from shimv2.tasks import Spawner
 from shimv2.ttrpc import status
 
 log = logging.getLogger(__name__)
@@ -285,9 +286,9 @@ class PipeIO:
         self._stdin_pump: tuple[int, int] | None = None
         self._output_pumps: list[tuple[int, int]] = []
         self._stdin_keepalive = -1
-        self._stdin_close_requested = False
         self.output_done = trio.Event()
         self._logger: BinaryLogger | None = None  # binary://: it reads the pipes itself
+        self._scopes: list[trio.CancelScope] = []  # of the running copy loops
         try:
             self._setup(uid, gid, logger)
         except BaseException:
@@ -371,29 +372,32 @@ class PipeIO:
                 os.close(fd)
         self._ours.clear()
 
-    def start(self, nursery: trio.Nursery) -> None:
-        """Start the copy loops in ``nursery`` (the owning container's)."""
+    def start(self, nursery: Spawner) -> None:
+        """Start the copy loops in ``nursery`` (the owning container's); close() stops them."""
         remaining = len(self._output_pumps)
 
-        async def output(src: int, dst: int) -> None:
+        async def copy(src: int, dst: int, output: bool) -> None:
             nonlocal remaining
+            scope = trio.CancelScope()
+            self._scopes.append(scope)
             try:
-                await pump(src, dst)
+                with scope:
+                    await pump(src, dst)
             finally:
-                remaining -= 1
-                if remaining == 0:
-                    self.output_done.set()
+                if output:
+                    remaining -= 1
+                    if remaining == 0:
+                        self.output_done.set()
 
         if self._stdin_pump is not None:
-            nursery.start_soon(pump, *self._stdin_pump)
+            nursery.start_soon(copy, *self._stdin_pump, False)
             self._stdin_pump = None
         for src, dst in self._output_pumps:
-            nursery.start_soon(output, src, dst)
+            nursery.start_soon(copy, src, dst, True)
         self._output_pumps.clear()
 
     def close_stdin(self) -> None:
         """CloseIO: drop our keep-alive writer so stdin ends when the client's writer does."""
-        self._stdin_close_requested = True
         if self._stdin_keepalive >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._stdin_keepalive)
@@ -406,7 +410,9 @@ class PipeIO:
         return self.output_done.is_set()
 
     def close(self) -> None:
-        """Release everything not owned by a running copy loop."""
+        """Delete: stop the copy loops (they close their fds) and release the rest."""
+        for scope in self._scopes:
+            scope.cancel()
         self.close_after_start()
         pending = [*self._output_pumps, *([self._stdin_pump] if self._stdin_pump else [])]
         for src, dst in pending:
