@@ -31,7 +31,15 @@ from urllib.parse import urlparse
 
 import trio
 
-from shimv2.stdio import BinaryLogger, LoggerContext, StdioSpec, open_output
+from shimv2.stdio import (
+    BinaryLogger,
+    LoggerContext,
+    StdioBase,
+    StdioSpec,
+    close_fd,
+    open_output,
+    open_stdin,
+)
 from shimv2.tasks import Spawner
 from shimv2.ttrpc import status
 
@@ -43,13 +51,6 @@ _BATCH = 1 << 18  # read at most this much from the master before writing it out
 # Pause between reads of a master without an open slave (EIO): 10 ms, growing to 50 ms.
 _HUP_PAUSE_MIN = 0.01
 _HUP_PAUSE_MAX = 0.05
-
-
-def _close(fd: int) -> None:
-    if fd >= 0:
-        trio.lowlevel.notify_closing(fd)
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def _console_error(text: str) -> Exception:
@@ -141,7 +142,7 @@ class ConsoleSocket:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class ConsoleIO:
+class ConsoleIO(StdioBase):
     """A process's pty (from runc over the console socket) and its copy loops.
 
     Same interface as :class:`~shimv2.stdio.PipeIO`, plus :attr:`console_socket`,
@@ -149,14 +150,12 @@ class ConsoleIO:
     """
 
     def __init__(self, spec: StdioSpec, logger: LoggerContext | None = None) -> None:
-        self.spec = spec
+        super().__init__(spec)
         self._logger: BinaryLogger | None = None
-        self.output_done = trio.Event()
         self._exited = trio.Event()
         self._master = -1  # owned here until close(); loops read it through self
         self._stdout = -1  # owned here until the output loop takes it
         self._stdin = -1  # likewise for the stdin loop
-        self._stdin_keepalive = -1
         self._socket: ConsoleSocket | None = None
         self.console_socket = ""  # the path for runc's --console-socket
         self._scopes: list[trio.CancelScope] = []
@@ -181,8 +180,7 @@ class ConsoleIO:
         elif spec.stdout:
             self._stdout = open_output(spec.stdout)  # a FIFO: O_RDWR | O_NONBLOCK
         if spec.stdin:
-            self._stdin = os.open(spec.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            self._stdin_keepalive = os.open(spec.stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._stdin, self._stdin_keepalive = open_stdin(spec.stdin)
         self._socket = ConsoleSocket()
         self.console_socket = self._socket.path
 
@@ -238,19 +236,6 @@ class ConsoleIO:
             self._scopes.append(in_scope)
             nursery.start_soon(self._stdin_loop, in_scope, stdin)
 
-    def close_stdin(self) -> None:
-        """CloseIO: drop our keep-alive writer so stdin ends when the client's writer does."""
-        if self._stdin_keepalive >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._stdin_keepalive)
-            self._stdin_keepalive = -1
-
-    async def wait_output(self, timeout: float) -> bool:
-        """Wait until the output is fully copied; False on timeout."""
-        with trio.move_on_after(timeout):
-            await self.output_done.wait()
-        return self.output_done.is_set()
-
     def close(self) -> None:
         """Delete: stop the loops, close the master and everything else; idempotent."""
         self._closed = True
@@ -260,11 +245,11 @@ class ConsoleIO:
         for scope in self._scopes:
             scope.cancel()
         master, self._master = self._master, -1
-        _close(master)
+        close_fd(master)
         for name in ("_stdout", "_stdin"):  # not taken by a loop
             fd = getattr(self, name)
             setattr(self, name, -1)
-            _close(fd)
+            close_fd(fd)
         self.close_stdin()
         if self._logger is not None:
             self._logger.close()
@@ -297,7 +282,7 @@ class ConsoleIO:
         except Exception:
             log.exception("terminal output copy failed")
         finally:
-            _close(dst)
+            close_fd(dst)
             self.output_done.set()
 
     async def _copy_output(self, out: _Output) -> None:
@@ -346,7 +331,7 @@ class ConsoleIO:
         except Exception:
             log.exception("terminal input copy failed")
         finally:
-            _close(src)
+            close_fd(src)
 
     async def _copy_stdin(self, src: int) -> bytes:
         """stdin FIFO → master until EOF (CloseIO + the client closed); returns the last byte."""

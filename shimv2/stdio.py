@@ -74,7 +74,8 @@ def open_output(uri: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
 
-def _close(fd: int) -> None:
+def close_fd(fd: int) -> None:
+    """Close an fd trio may be waiting on (waiters are woken, not left hanging)."""
     if fd >= 0:
         trio.lowlevel.notify_closing(fd)
         with contextlib.suppress(OSError):
@@ -151,8 +152,8 @@ async def pump(src: int, dst: int) -> None:
             log.warning("stdio splice failed (%s); copying the rest", exc)
         await _copy(src, dst)
     finally:
-        _close(src)
-        _close(dst)
+        close_fd(src)
+        close_fd(dst)
 
 
 def _enlarge(fd: int) -> None:
@@ -259,7 +260,43 @@ class BinaryLogger:
                 os.kill(child.pid, signal.SIGKILL)
 
 
-class PipeIO:
+def open_stdin(path: str) -> tuple[int, int]:
+    """The stdin FIFO's reader and our keep-alive writer; neither open can block.
+
+    The reader opens at once (O_NONBLOCK) and makes the writer's open succeed;
+    while our writer lives, a client that goes away is not an EOF.
+    """
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return reader, os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        os.close(reader)
+        raise
+
+
+class StdioBase:
+    """What pipe and console stdio share: stdin's keep-alive writer and the end of output."""
+
+    def __init__(self, spec: StdioSpec) -> None:
+        self.spec = spec
+        self.output_done = trio.Event()
+        self._stdin_keepalive = -1
+
+    def close_stdin(self) -> None:
+        """CloseIO: drop our keep-alive writer so stdin ends when the client's writer does."""
+        if self._stdin_keepalive >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._stdin_keepalive)
+            self._stdin_keepalive = -1
+
+    async def wait_output(self, timeout: float) -> bool:
+        """Wait until the output is fully copied; False on timeout."""
+        with trio.move_on_after(timeout):
+            await self.output_done.wait()
+        return self.output_done.is_set()
+
+
+class PipeIO(StdioBase):
     """Pipes for one process, and the copy loops between them and the client's ends.
 
     The stdio interface the service uses, shared with
@@ -279,14 +316,12 @@ class PipeIO:
         *,
         logger: LoggerContext | None = None,
     ) -> None:
-        self.spec = spec
+        super().__init__(spec)
         self._runc_fds: dict[int, int | None] = {0: None, 1: None, 2: None}
         self._ours: list[int] = []  # container-side ends closed after runc started
         # (src, dst) pairs owned here until their copy loops start
         self._stdin_pump: tuple[int, int] | None = None
         self._output_pumps: list[tuple[int, int]] = []
-        self._stdin_keepalive = -1
-        self.output_done = trio.Event()
         self._logger: BinaryLogger | None = None  # binary://: it reads the pipes itself
         self._scopes: list[trio.CancelScope] = []  # of the running copy loops
         try:
@@ -303,8 +338,7 @@ class PipeIO:
     def _setup(self, uid: int, gid: int, logger: LoggerContext | None) -> None:
         spec = self.spec
         if spec.stdin:
-            fifo_r = os.open(spec.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            self._stdin_keepalive = os.open(spec.stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fifo_r, self._stdin_keepalive = open_stdin(spec.stdin)
             r, w = self._pipe()
             os.fchown(r, uid, gid)
             self._runc_fds[0] = r
@@ -395,19 +429,6 @@ class PipeIO:
         for src, dst in self._output_pumps:
             nursery.start_soon(copy, src, dst, True)
         self._output_pumps.clear()
-
-    def close_stdin(self) -> None:
-        """CloseIO: drop our keep-alive writer so stdin ends when the client's writer does."""
-        if self._stdin_keepalive >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._stdin_keepalive)
-            self._stdin_keepalive = -1
-
-    async def wait_output(self, timeout: float) -> bool:
-        """Wait until stdout/stderr are fully copied; False on timeout."""
-        with trio.move_on_after(timeout):
-            await self.output_done.wait()
-        return self.output_done.is_set()
 
     def close(self) -> None:
         """Delete: stop the copy loops (they close their fds) and release the rest."""
