@@ -224,14 +224,16 @@ class TaskService:
             process.io.process_exited()  # a pty's output ends once drained
         if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
             log.warning("%s: output still open %.0fs after exit", process.id, IO_FLUSH_TIMEOUT)
-        self._publish_ooms(container)
-        process.set_exited(e.status, e.timestamp_ns)
         if process.is_init:
+            # Persisted before anyone hears of it: `delete` after a dead shim reports it.
             record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)
             try:
                 await trio.to_thread.run_sync(bundlefiles.write_exit, container.bundle, record)
             except OSError as exc:
                 log.error("cannot persist the exit of %s: %s", container.id, exc)
+        # Nothing awaited from here to the publish: State, Wait and the events agree.
+        self._publish_ooms(container)
+        process.set_exited(e.status, e.timestamp_ns)
         self._publisher.publish(
             "/tasks/exit",
             events.TaskExit(
