@@ -17,10 +17,12 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 
 from shimv2 import bundle as bundlefiles
+from shimv2.bootstrap import bootstrap_result, classify
 from shimv2.cli import Flags
 
 SOCKET_DIR = "/run/containerd/s"
@@ -51,10 +53,11 @@ def group_id(bundle: str, container_id: str) -> str:
     return container_id
 
 
-def socket_path(address: str, namespace: str, group: str) -> str:
-    """``/run/containerd/s/<sha256(join(address, ns, group))>`` exactly as containerd names it."""
+def socket_path(address: str, namespace: str, group: str, directory: str = "") -> str:
+    """``<dir>/<sha256(join(address, ns, group))>`` exactly as containerd names it;
+    ``dir`` is /run/containerd/s unless containerd 2.3 said otherwise."""
     joined = os.path.normpath(os.path.join(address, namespace, group))
-    return os.path.join(SOCKET_DIR, hashlib.sha256(joined.encode()).hexdigest())
+    return os.path.join(directory or SOCKET_DIR, hashlib.sha256(joined.encode()).hexdigest())
 
 
 def _serving(path: str) -> bool:
@@ -175,13 +178,19 @@ def start(flags: Flags) -> int:
         sys.stderr.write("shim id cannot be empty\n")
         return 1
     bundle = os.getcwd()
+    given = classify(_read_stdin(), flags.id, flags.namespace)
+    flags.debug = flags.debug or given.debug
     # The runtime options arrive again with Create; start only needs the shim cgroup.
-    shim_cgroup = _shim_cgroup(_read_stdin())
-    path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id))
+    shim_cgroup = _shim_cgroup(given.options)
+    group = group_id(bundle, flags.id)
+    path = socket_path(flags.address, flags.namespace, group, given.socket_dir)
     address = _UNIX_PREFIX + path
     pid = 0
     listener: socket.socket | None = None
     try:
+        if given.socket_dir:  # containerd 2.3 created it; make sure, then remember it
+            os.makedirs(given.socket_dir, mode=0o700, exist_ok=True)
+            _remember_socket_dir(bundle, given.socket_dir)
         listener = bind_socket(path)
         if listener is not None:
             if os.environ.get("SCHED_CORE"):
@@ -204,11 +213,39 @@ def start(flags: Flags) -> int:
                 os.unlink(path)
         sys.stderr.write(f"failed to start shim: {exc}\n")
         return 1
-    os.write(1, address.encode())
+    # 2.3 (BootstrapParams seen) gets a BootstrapResult; every older version a plain address.
+    os.write(1, bootstrap_result(address) if given.bootstrap else address.encode())
     return 0
 
 
 # -- delete -------------------------------------------------------------------
+
+
+SOCKET_DIR_LINK = "s"  # <bundle>/s -> the socket dir containerd 2.3 chose (as the runc shim)
+
+
+def _remember_socket_dir(bundle: str, directory: str) -> None:
+    """``delete`` gets no BootstrapParams: it finds a non-default socket dir here."""
+    link = os.path.join(bundle, SOCKET_DIR_LINK)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(link)
+    os.symlink(directory, link)
+
+
+def _socket_dirs(bundle: str) -> set[str]:
+    """Where ``delete`` may remove a dead shim's socket: the default dir, or 2.3's."""
+    dirs = {SOCKET_DIR}
+    link = os.path.join(bundle, SOCKET_DIR_LINK)
+    if os.path.islink(link):
+        dirs.add(os.path.normpath(os.readlink(link)))
+    return dirs
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _remove_dead_socket(bundle: str) -> None:
@@ -217,7 +254,8 @@ def _remove_dead_socket(bundle: str) -> None:
     if not address or not address.startswith(_UNIX_PREFIX):
         return
     path = address[len(_UNIX_PREFIX) :]
-    if path.startswith(SOCKET_DIR + "/") and os.path.exists(path) and not _serving(path):
+    in_our_dir = os.path.dirname(os.path.normpath(path)) in _socket_dirs(bundle)
+    if in_our_dir and _is_socket(path) and not _serving(path):
         with contextlib.suppress(OSError):
             os.unlink(path)
 
@@ -261,8 +299,45 @@ def delete(flags: Flags) -> int:
     return 0
 
 
+RUNTIME_NAME = "io.containerd.pyshim.v2"
+FEATURES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
+
+
 def info() -> int:
-    """``-info`` (containerd 2.x): describe the runtime; never starts a daemon."""
-    with contextlib.suppress(OSError):
-        sys.stdin.buffer.read()
+    """``-info`` (containerd 2.x): a ``RuntimeInfo`` on stdout; never starts a daemon.
+
+    stdin holds the options (a bare Any) or nothing; they are echoed back, and
+    pick the runc whose ``features`` (JSON) we pass on, as the runc shim does.
+    """
+    import subprocess
+
+    from google.protobuf import any_pb2
+    from google.protobuf.message import DecodeError
+
+    from shimv2 import __version__
+    from shimv2.api.containerd.types import introspection_pb2
+    from shimv2.options import from_any
+
+    raw = _read_stdin()
+    answer = introspection_pb2.RuntimeInfo(name=RUNTIME_NAME)
+    answer.version.version = __version__
+    runc = "runc"
+    if raw:
+        try:
+            options = any_pb2.Any.FromString(raw)
+            runc = from_any(options.type_url, options.value).runc_binary
+        except (DecodeError, ValueError) as exc:
+            sys.stderr.write(f"cannot read the runtime options: {exc}\n")
+            return 1
+        answer.options.CopyFrom(options)
+    try:
+        features = subprocess.run(
+            [runc, "features"], capture_output=True, timeout=10, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        features = None
+    if features is not None and features.returncode == 0 and features.stdout.strip():
+        answer.features.CopyFrom(any_pb2.Any(type_url=FEATURES_TYPE_URL, value=features.stdout))
+    sys.stdout.buffer.write(answer.SerializeToString())
+    sys.stdout.flush()
     return 0

@@ -66,3 +66,38 @@ def last_bytes(msg: dict[int, list[int | bytes]], number: int) -> bytes:
 
 def last_string(msg: dict[int, list[int | bytes]], number: int) -> str:
     return last_bytes(msg, number).decode(errors="replace")
+
+
+def _encode_varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative ints: two's complement, 10 bytes
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode(items: list[tuple[int, int | bytes | str]]) -> bytes:
+    """A message from (field number, value) pairs in order: ints as varints,
+    bytes and str length-delimited. Zero/empty values are written as given."""
+    out = bytearray()
+    for number, value in items:
+        if isinstance(value, int):
+            out += _encode_varint(number << 3 | VARINT) + _encode_varint(value)
+        else:
+            data = value.encode() if isinstance(value, str) else value
+            out += _encode_varint(number << 3 | LENGTH_DELIMITED) + _encode_varint(len(data))
+            out += data
+    return bytes(out)
+
+
+def signed32(value: int) -> int:
+    """A varint-decoded enum/int32 back to its signed value (-4 arrives as 2**64 - 4)."""
+    value &= (1 << 64) - 1
+    if value >= 1 << 63:
+        value -= 1 << 64
+    return value

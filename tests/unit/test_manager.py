@@ -794,12 +794,16 @@ def test_delete_never_removes_sockets_outside_socket_dir(
     assert outside.exists()
 
 
-def test_info_exits_0_with_no_output(
+def test_info_answers_a_runtime_info(
     capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from shimv2.api.containerd.types import introspection_pb2
+
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     assert manager.info() == 0
-    assert capfdbinary.readouterr() == (b"", b"")
+    out, err = capfdbinary.readouterr()
+    assert err == b""
+    assert introspection_pb2.RuntimeInfo.FromString(out).name == "io.containerd.pyshim.v2"
 
 
 def sched_core_cookie(pid: int) -> int | None:
