@@ -3,6 +3,7 @@
 #   make demo   same preparation, then run demo/demo.py against a private containerd
 #   make lint   ruff check, ruff format --check, mypy
 #   make proto  regenerate shimv2/api from proto/
+#   make bench  run bench/suite.py (pyshim vs the Go shim: latency, memory, scale)
 
 SHELL  := /bin/bash
 PYTHON ?= python3
@@ -10,10 +11,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv test lint demo proto clean
+.PHONY: help deps venv test lint demo proto bench clean
 
 help:
-	@sed -n '2,6p' Makefile
+	@sed -n '2,7p' Makefile
 
 deps:
 	scripts/install-deps.sh
@@ -41,6 +42,9 @@ demo: deps venv
 
 proto: venv
 	$(PY) -m tools.genproto
+
+bench: deps venv
+	$(PY) bench/suite.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
