@@ -36,6 +36,11 @@ if ! venv_ok; then
     log "python3 -m venv does not work"
     need_pkgs+=(python3 python3-venv)
 fi
+# packaging/ builds its venvs from Debian's own python3 (the .deb's target).
+if ! /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    log "/usr/bin/python3 lacks venv"
+    need_pkgs+=(python3 python3-venv)
+fi
 
 if ((${#need_pkgs[@]} == 0)); then
     log "all dependencies present"

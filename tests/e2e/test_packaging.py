@@ -1,0 +1,338 @@
+"""Packaging: packaging/install.sh and packaging/build-deb.sh (pyshim only).
+
+* install.sh into a temp PREFIX/BINDIR, then a private containerd whose PATH
+  has that BINDIR first and not the dev venv: containers run with the
+  installed shim; a re-install while a container runs leaves its shim (and its
+  release dir) alone; ``--uninstall`` removes the link.
+* build-deb.sh: the .deb's metadata and layout (``dpkg-deb --info/--contents``,
+  extracted with ``dpkg-deb -x``), the extracted console script runs, and a
+  real install / upgrade / purge with ``dpkg --root`` into a temp root (own
+  dpkg database, maintainer scripts unchrooted with ``DPKG_ROOT``). Nothing is
+  installed on this machine itself (no plain ``dpkg -i``).
+
+The wheel is built once per module from this tree; pip fetches the
+dependencies from the configured index (or its cache).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import shimv2
+
+from .harness import (
+    RUNNING,
+    STOPPED,
+    SYSTEM_PATH,
+    Containerd,
+    HarnessError,
+    exit_code_from_task_rm,
+)
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGING = REPO / "packaging"
+NAME = "containerd-shim-pyshim-v2"
+RUNTIME = "io.containerd.pyshim.v2"
+VERSION = shimv2.__version__
+
+
+def run(
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    cwd: str | os.PathLike[str] | None = None,
+) -> str:
+    r = subprocess.run(
+        argv,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    assert r.returncode == 0, f"{argv} rc={r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # build from a copy: setuptools writes build/ and *.egg-info/ into the source tree
+    src = tmp_path_factory.mktemp("src")
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / f, src / f)
+    shutil.copytree(REPO / "shimv2", src / "shimv2",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    out = tmp_path_factory.mktemp("wheel")
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(out), str(src)])  # fmt: skip
+    (whl,) = out.glob("pyshim-*.whl")
+    return whl
+
+
+# --------------------------------------------------------------------------- install.sh
+
+
+class Installed:
+    def __init__(self, root: Path, wheel: Path) -> None:
+        self.prefix = root / "opt"
+        self.bindir = root / "bin"
+        self.wheel = wheel
+        self.env = {"PREFIX": str(self.prefix), "BINDIR": str(self.bindir)}
+
+    def install(self, *args: str) -> str:
+        return run(["sh", str(PACKAGING / "install.sh"), *args], env=self.env)
+
+    @property
+    def link(self) -> Path:
+        return self.bindir / NAME
+
+    def current(self) -> Path:
+        return (self.prefix / "current").resolve()
+
+    def releases(self) -> list[str]:
+        d = self.prefix / "releases"
+        return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+@pytest.fixture
+def installed(tmp_path: Path, wheel: Path) -> Iterator[Installed]:
+    inst = Installed(tmp_path, wheel)
+    inst.install(str(wheel))
+    yield inst
+    if inst.link.is_symlink():
+        inst.install("--uninstall")
+
+
+@pytest.fixture
+def pkg_containerd(installed: Installed, e2e_tools: None) -> Iterator[Containerd]:
+    # PATH: the installed BINDIR first, then the system dirs; NOT the dev venv
+    c = Containerd(extra_env={"PATH": f"{installed.bindir}:{SYSTEM_PATH}"})
+    try:
+        c.start()
+    except HarnessError as e:
+        c.stop()
+        pytest.fail(f"could not start a private containerd: {e}", pytrace=False)
+    try:
+        yield c
+    finally:
+        c.stop(remove=not os.environ.get("PYSHIM_E2E_KEEP"))
+
+
+def shim_release(c: Containerd, cid: str) -> tuple[int, str]:
+    """(pid, argv[0]) of the one shim serving *cid*: argv[0] is <release>/bin/python."""
+    (p,) = c.shim_processes(cid)
+    return p.pid, p.cmdline()[0]
+
+
+def hello(c: Containerd, rootfs: Path) -> None:
+    cid = c.new_id("hello")
+    r = c.ctr("run", "--rm", "--runtime", RUNTIME, "--rootfs", str(rootfs), cid,
+              "/bin/sh", "-c", "echo hello; sleep 0.2", timeout=30)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.replace("\r", "") == "hello\n"
+
+
+def test_install_sh_layout(installed: Installed) -> None:
+    assert installed.link.is_symlink()
+    assert os.readlink(installed.link) == f"{installed.prefix}/current/bin/{NAME}"
+    assert os.readlink(installed.prefix / "current").startswith("releases/")
+    (rel,) = installed.releases()
+    assert rel.startswith(f"{VERSION}-")
+    script = installed.prefix / "releases" / rel / "bin" / NAME
+    assert script.read_text().splitlines()[0] == f"#!{installed.prefix}/releases/{rel}/bin/python"
+    out = run([str(installed.link), "-v"])
+    assert f"Version:  {VERSION}" in out
+    # idempotent: a second run ends in the same shape (one release, same links)
+    installed.install(str(installed.wheel))
+    (rel2,) = installed.releases()
+    assert rel2 != rel
+    assert installed.current().name == rel2
+    installed.install("--uninstall")
+    assert not installed.link.exists() and not installed.link.is_symlink()
+    assert not installed.prefix.exists()
+    installed.install("--uninstall")  # uninstalling twice is fine
+
+
+def test_install_sh_refuses_foreign_binary(tmp_path: Path, wheel: Path) -> None:
+    inst = Installed(tmp_path, wheel)
+    inst.bindir.mkdir()
+    inst.link.write_text("#!/bin/sh\n")
+    r = subprocess.run(["sh", str(PACKAGING / "install.sh"), str(wheel)],
+                       capture_output=True, text=True, env={**os.environ, **inst.env},
+                       timeout=60)  # fmt: skip
+    assert r.returncode != 0 and "not a link into" in r.stderr
+    assert inst.link.read_text() == "#!/bin/sh\n"
+
+
+def test_installed_shim_survives_upgrade(
+    installed: Installed, pkg_containerd: Containerd, rootfs: Path
+) -> None:
+    c = pkg_containerd
+    rel1 = installed.current()
+    hello(c, rootfs)
+
+    cid = c.new_id("up")
+    r = c.ctr("run", "-d", "--runtime", RUNTIME, "--rootfs", str(rootfs), cid,
+              "/bin/sleep", "1000", timeout=30)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    c.wait_task_status(cid, RUNNING)
+    pid1, exe1 = shim_release(c, cid)
+    assert exe1 == f"{rel1}/bin/python", "containerd did not use the installed shim"
+    task_pid = c.task_pid(cid)
+
+    # upgrade (re-install) while the container runs
+    out = installed.install(str(installed.wheel))
+    rel2 = installed.current()
+    assert rel2 != rel1
+    assert f"keeping {rel1}" in out
+    assert rel1.is_dir() and sorted(installed.releases()) == sorted([rel1.name, rel2.name])
+    assert shim_release(c, cid) == (pid1, exe1)
+    assert c.tasks()[cid] == (task_pid, RUNNING)
+    assert c.ctr("shim", "--id", cid, "state", timeout=15).returncode == 0
+
+    # new containers get the new release; the old shim still serves its task
+    cid2 = c.new_id("new")
+    r = c.ctr("run", "-d", "--runtime", RUNTIME, "--rootfs", str(rootfs), cid2,
+              "/bin/sleep", "1000", timeout=30)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert shim_release(c, cid2)[1] == f"{rel2}/bin/python"
+    hello(c, rootfs)
+
+    for t in (cid, cid2):
+        c.ctr("task", "kill", "-s", "SIGKILL", t, timeout=15, check=True)
+        c.wait_task_status(t, STOPPED)
+        r = c.ctr("task", "rm", t, timeout=15, check=True)
+        assert exit_code_from_task_rm(r.stderr) == 137
+        c.ctr("container", "rm", t, timeout=15, check=True)
+    c.assert_no_leaks(cid, cid2)
+    c.assert_no_shims()
+
+    # the next install collects the release nobody uses any more
+    installed.install(str(installed.wheel))
+    assert rel1.name not in installed.releases() and rel2.name not in installed.releases()
+    installed.install("--uninstall")
+    assert not installed.link.is_symlink()
+    assert not installed.prefix.exists()
+
+
+# --------------------------------------------------------------------------- build-deb.sh
+
+
+@pytest.fixture(scope="module")
+def deb(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    run(["sh", str(PACKAGING / "build-deb.sh"), str(wheel)], env={"OUT": str(out)})
+    arch = run(["dpkg", "--print-architecture"]).strip()
+    path = out / f"pyshim_{VERSION}_{arch}.deb"
+    assert path.is_file(), list(out.iterdir())
+    return path
+
+
+def test_deb_metadata(deb: Path) -> None:
+    info = run(["dpkg-deb", "--info", str(deb)])
+    fields = dict(
+        line.strip().split(": ", 1)
+        for line in info.splitlines()
+        if line.startswith(" ") and ": " in line
+    )
+    assert fields["Package"] == "pyshim"
+    assert fields["Version"] == VERSION
+    depends = fields["Depends"]
+    for dep in ("python3 (>= 3.11)", "runc", "containerd"):
+        assert dep in depends
+    for script in ("preinst", "postinst", "prerm", "postrm"):
+        assert script in info
+
+    contents = run(["dpkg-deb", "--contents", str(deb)])
+    rel = f"./opt/pyshim/releases/{VERSION}"
+    assert f" {rel}/bin/{NAME}\n" in contents
+    assert f" {rel}/pyvenv.cfg\n" in contents
+    assert f" ./opt/pyshim/current -> releases/{VERSION}\n" in contents
+    assert f" ./usr/bin/{NAME} -> /opt/pyshim/current/bin/{NAME}\n" in contents
+    assert "/site-packages/shimv2/cli.py\n" in contents
+    assert "/shimv2/__pycache__/cli.cpython-" in contents  # byte-compiled at build time
+    assert "/bin/pip" not in contents
+    assert "root/root" in contents.splitlines()[0]
+
+
+def test_deb_extracted(deb: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    run(["dpkg-deb", "-x", str(deb), str(root)])
+    rel = root / "opt/pyshim/releases" / VERSION
+    script = rel / "bin" / NAME
+    assert script.read_text().splitlines()[0] == f"#!/opt/pyshim/releases/{VERSION}/bin/python"
+    assert os.readlink(rel / "bin/python3") == "/usr/bin/python3"
+    # no trace of the build's staging dir anywhere (text files)
+    stale = subprocess.run(
+        ["grep", "-rlI", "pyshim-deb.", str(root)], capture_output=True, text=True
+    )
+    assert stale.stdout == ""
+    # the extracted console script runs (shebang path does not exist here: call its python)
+    out = run([str(rel / "bin/python"), str(script), "-v"], cwd=tmp_path)
+    assert f"Version:  {VERSION}" in out
+    # its own site-packages, not the dev tree
+    where = run(
+        [str(rel / "bin/python"), "-c", "import shimv2; print(shimv2.__file__)"], cwd=tmp_path
+    )
+    assert where.startswith(str(rel / "lib"))
+
+
+def dpkg_root(root: Path, *args: str) -> str:
+    """dpkg on a private root: own database, maintainer scripts run unchrooted
+    with DPKG_ROOT set (they honour it), dependencies not checked. Nothing on this
+    machine outside *root* is changed."""
+    return run(["dpkg", f"--root={root}", "--force-script-chrootless", "--force-depends",
+                "--force-not-root", *args], timeout=120)  # fmt: skip
+
+
+def test_deb_dpkg_root_upgrade_remove(deb: Path, wheel: Path, tmp_path: Path) -> None:
+    """Real dpkg install, upgrade and purge into a temp root (``dpkg --root``):
+    the current link follows the upgrade, the old release is kept while a
+    process still runs from it and collected afterwards, purge leaves nothing."""
+    run(["sh", str(PACKAGING / "build-deb.sh"), str(wheel)],
+        env={"OUT": str(tmp_path / "dist2"), "DEB_VERSION": f"{VERSION}-2"})  # fmt: skip
+    (deb2,) = (tmp_path / "dist2").glob("*.deb")
+    root = tmp_path / "root"
+    for d in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "var/log"):
+        (root / d).mkdir(parents=True)
+    for f in ("status", "available"):
+        (root / "var/lib/dpkg" / f).touch()
+    rels = root / "opt/pyshim/releases"
+    current = root / "opt/pyshim/current"
+    link = root / "usr/bin" / NAME
+
+    dpkg_root(root, "-i", str(deb))
+    assert os.readlink(current) == f"releases/{VERSION}"
+    assert os.readlink(link) == f"/opt/pyshim/current/bin/{NAME}"
+    assert "ii  pyshim" in dpkg_root(root, "-l", "pyshim")
+
+    # a "running shim" of the old release (its argv names <release>/bin/python)
+    old = rels / VERSION
+    user = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", f"{old}/bin/python"]
+    )
+    try:
+        dpkg_root(root, "-i", str(deb2))
+        assert os.readlink(current) == f"releases/{VERSION}-2"
+        assert (rels / f"{VERSION}-2/bin" / NAME).is_file()
+        # dpkg deleted the old package's files; the scripts put them back
+        assert (old / "bin" / NAME).read_text().startswith(f"#!/opt/pyshim/releases/{VERSION}/")
+        assert not list(rels.glob(".keep-*"))
+    finally:
+        user.kill()
+        user.wait()
+    dpkg_root(root, "-i", str(deb2))  # re-install: collects the unused old release
+    assert sorted(p.name for p in rels.iterdir()) == [f"{VERSION}-2"]
+
+    dpkg_root(root, "--purge", "pyshim")
+    assert not link.is_symlink()
+    assert not (root / "opt/pyshim").exists()
