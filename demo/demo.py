@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -137,6 +139,24 @@ class Demo:
         self.show("stdout", r.stdout)
         self.show("stderr", r.stderr)
         self.check(r.returncode == 7, "exit code 7 as expected", f"exit code {r.returncode} != 7")
+
+        self.step("a container with a terminal (ctr run -t, on a pty from script(1))")
+        tty_cmd = "tty; stty size; sleep 0.2; exit 3"
+        argv = ctrd.ctr_argv("run", "--runtime", rt, "-t", "--rm", "--rootfs", str(rootfs),
+                             "tty-demo", "/bin/sh", "-c", tty_cmd)  # fmt: skip
+        self.info(
+            f"$ ctr run --runtime {rt} -t --rm --rootfs ROOTFS tty-demo /bin/sh -c '{tty_cmd}'"
+        )
+        r = subprocess.run(
+            ["script", "-qfec", "stty cols 100 rows 30; " + shlex.join(argv), "/dev/null"],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.show("terminal output", r.stdout.replace("\r", ""))
+        self.check(
+            "/dev/pts/" in r.stdout and r.returncode == 3,
+            "the process ran on a pty; exit code 3",
+            f"unexpected: exit code {r.returncode}, output {r.stdout!r}",
+        )
 
         self.step("detached container writing a line every 0.5 s")
         log = ctrd.dir / "ticker.log"
