@@ -376,6 +376,57 @@ class EventWatcher:
 # --------------------------------------------------------------------------- containerd
 
 
+@dataclass
+class CriConfig:
+    """Enables containerd's CRI plugin (off by default) with these settings.
+
+    CRI always works in the ``k8s.io`` namespace, so pass ``namespace="k8s.io"``
+    to `Containerd` too. Everything CRI writes (its root/state dirs live under
+    containerd's) stays in the private temp dir; CNI dirs point there as well
+    (only host-network pods work: there is no CNI config) and the streaming
+    server gets a random port so parallel instances do not clash. Caveat: runc's
+    state root ``/run/containerd/runc/k8s.io`` and CRI's cgroup parent ``k8s.io``
+    are then machine-wide names; our container ids are random, so there are no
+    clashes, but removing those dirs (when empty) is up to the caller.
+    """
+
+    sandbox_image: str
+    #: handler name -> runtime type; the first one is the default runtime
+    runtimes: dict[str, str] = field(
+        default_factory=lambda: {"runc": RUNTIMES["go"], "pyshim": RUNTIMES["pyshim"]}
+    )
+    snapshotter: str = "overlayfs"
+
+    def toml(self, base: Path) -> str:
+        for d in ("cni-bin", "cni-conf"):
+            (base / d).mkdir(parents=True, exist_ok=True)
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        out = f"""
+[{cri}]
+  sandbox_image = "{self.sandbox_image}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_apparmor = true
+  # sandboxes ask for oom_score_adj -998, which needs CAP_SYS_RESOURCE; clamp it to ours
+  restrict_oom_score_adj = true
+  enable_selinux = false
+
+[{cri}.cni]
+  bin_dir = "{base / "cni-bin"}"
+  conf_dir = "{base / "cni-conf"}"
+
+[{cri}.containerd]
+  snapshotter = "{self.snapshotter}"
+  default_runtime_name = "{next(iter(self.runtimes))}"
+"""
+        for name, runtime_type in self.runtimes.items():
+            out += f"""
+[{cri}.containerd.runtimes.{name}]
+  runtime_type = "{runtime_type}"
+"""
+        return out
+
+
 class Containerd:
     """A private containerd daemon (child process of the test process)."""
 
@@ -387,7 +438,9 @@ class Containerd:
         extra_env: dict[str, str] | None = None,
         base_dir: str | os.PathLike[str] = "/tmp",
         start_timeout: float = 30.0,
+        cri: CriConfig | None = None,
     ) -> None:
+        self.cri = cri
         self.dir = Path(tempfile.mkdtemp(prefix="pyshim-e2e-", dir=base_dir))
         self.dir.chmod(0o711)
         self.root = self.dir / "root"
@@ -431,13 +484,13 @@ class Containerd:
     def write_config(self) -> None:
         for d in (self.root, self.state, self.dir / "tmp", self.dir / "xdg", self.root / "opt"):
             d.mkdir(parents=True, exist_ok=True)
+        disabled_cri = "" if self.cri is not None else '\n  "io.containerd.grpc.v1.cri",'
         cfg = f"""\
 version = 2
 root = "{self.root}"
 state = "{self.state}"
 oom_score = 0
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+disabled_plugins = [{disabled_cri}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -462,6 +515,8 @@ disabled_plugins = [
 [plugins."io.containerd.internal.v1.opt"]
   path = "{self.root / "opt"}"
 """
+        if self.cri is not None:
+            cfg += self.cri.toml(self.dir / "cri")
         self.config_path.write_text(cfg)
 
     def start(self) -> None:
