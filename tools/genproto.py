@@ -20,11 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 API_DIR = ROOT / "shimv2" / "api"
 API_PACKAGE = "shimv2.api"
+# Test-only wire types the shim never speaks (compiled by tests/e2e/cri/gen.py).
+TEST_ONLY = {"cri"}
 
 
 def _local_roots() -> set[str]:
     """Top-level import names that protoc generates from proto/ (not google.protobuf)."""
-    return {p.name for p in PROTO_DIR.iterdir() if p.is_dir()}
+    return {p.name for p in PROTO_DIR.iterdir() if p.is_dir() and p.name not in TEST_ONLY}
 
 
 def _rewrite_imports(source: str, roots: set[str]) -> str:
@@ -47,7 +49,11 @@ def generate(out_dir: Path) -> None:
     from grpc_tools import protoc  # dev dependency only
 
     include = Path(protoc.__file__).parent / "_proto"
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_DIR))
+        for p in PROTO_DIR.rglob("*.proto")
+        if p.relative_to(PROTO_DIR).parts[0] not in TEST_ONLY
+    )
     args = [
         "protoc",
         f"-I{PROTO_DIR}",
