@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 import trio
 
+from shimv2.spool import Sink, SpoolConfig
 from shimv2.stdio import (
     BinaryLogger,
     LoggerContext,
@@ -149,8 +150,14 @@ class ConsoleIO(StdioBase):
     :meth:`receive_master`, :meth:`resize` and :meth:`process_exited`.
     """
 
-    def __init__(self, spec: StdioSpec, logger: LoggerContext | None = None) -> None:
+    def __init__(
+        self,
+        spec: StdioSpec,
+        logger: LoggerContext | None = None,
+        spool: SpoolConfig | None = None,
+    ) -> None:
         super().__init__(spec)
+        self._spool = spool  # for the stdout FIFO: None blocks the tty while nobody reads
         self._logger: BinaryLogger | None = None
         self._exited = trio.Event()
         self._master = -1  # owned here until close(); loops read it through self
@@ -274,9 +281,14 @@ class ConsoleIO(StdioBase):
     # -- copy loops -------------------------------------------------------------
 
     async def _output_loop(self, scope: trio.CancelScope, dst: int) -> None:
+        # A binary:// logger's pipe is read by the logger itself, never spooled.
+        spool = None
+        if self._spool is not None and self._logger is None:
+            spool = self._spool.spool("stdout")
+        sink = Sink(dst, spool, spool.label if spool else "terminal output")
         try:
             with scope:
-                await self._copy_output(_Output(dst))
+                await sink.run(self._copy_output)
         except trio.ClosedResourceError:
             pass  # close() took the master away
         except Exception:
@@ -285,7 +297,7 @@ class ConsoleIO(StdioBase):
             close_fd(dst)
             self.output_done.set()
 
-    async def _copy_output(self, out: _Output) -> None:
+    async def _copy_output(self, out: Sink) -> None:
         """master → ``out`` until the master is drained after the exit (or closed)."""
         pause = _HUP_PAUSE_MIN
         while True:
@@ -402,23 +414,3 @@ def _read_batch(master: int) -> tuple[bytearray, str | None]:
             return data, _HUNG_UP
         data += chunk
     return data, None
-
-
-class _Output:
-    """Where terminal output goes; after a write error it swallows the rest, so the
-    container never blocks on a stream nobody can take (no fd: discard everything)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.broken = fd < 0
-
-    async def write(self, data: bytearray) -> None:
-        view = memoryview(data)
-        while view and not self.broken:
-            try:
-                view = view[os.write(self.fd, view) :]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.fd)
-            except OSError as exc:
-                log.warning("terminal output: writing failed (%s); discarding the rest", exc)
-                self.broken = True

@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from shimv2.protowire import type_name
+
 log = logging.getLogger(__name__)
 
 DEFAULT_RUNC_ROOT = "/run/containerd/runc"
+
+#: Output kept per stream while nobody reads its FIFO (shimv2.spool); 0: none, block.
+DEFAULT_SPOOL_LIMIT = 64 << 20
+#: Node-wide default for the spool limit (containerd's environment reaches the shim);
+#: the ``SpoolLimitBytes`` runtime option overrides it per runtime.
+SPOOL_LIMIT_ENV = "PYSHIM_SPOOL_LIMIT_BYTES"
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 LEGACY_CREATE_OPTIONS = "containerd.linux.runc.CreateOptions"
@@ -38,6 +47,7 @@ _TOML_KEYS = {
     "criupath": "criu_path",
     "criuimagepath": "criu_image_path",
     "criuworkpath": "criu_work_path",
+    "spoollimitbytes": "spool_limit_bytes",  # ours: no runc Options field
 }
 _TOML_IGNORED = {"typeurl", "configpath"}
 
@@ -55,16 +65,34 @@ class ShimOptions:
     criu_path: str = ""
     criu_image_path: str = ""
     criu_work_path: str = ""
+    spool_limit_bytes: int = -1  # -1: $PYSHIM_SPOOL_LIMIT_BYTES, else DEFAULT_SPOOL_LIMIT
 
     @property
     def runc_binary(self) -> str:
         return self.binary_name or "runc"
 
+    @property
+    def spool_limit(self) -> int:
+        """Bytes of output spooled per stream while nobody reads (0: block instead)."""
+        if self.spool_limit_bytes >= 0:
+            return self.spool_limit_bytes
+        text = os.environ.get(SPOOL_LIMIT_ENV, "").strip()
+        if text:
+            try:
+                value = int(text)
+            except ValueError:
+                value = -1
+            if value >= 0:
+                return value
+            log.warning("ignoring %s=%r: not a byte count", SPOOL_LIMIT_ENV, text)
+        return DEFAULT_SPOOL_LIMIT
+
     def runc_root(self, namespace: str) -> str:
         return f"{self.root or DEFAULT_RUNC_ROOT}/{namespace}"
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v})
+        defaults = asdict(ShimOptions())
+        return json.dumps({k: v for k, v in asdict(self).items() if v != defaults[k]})
 
     @classmethod
     def from_json(cls, text: str) -> ShimOptions:
@@ -73,11 +101,6 @@ class ShimOptions:
             raise ValueError("options must be a JSON object")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def type_name(type_url: str) -> str:
-    """Compare type URLs on the part after the last '/' (tolerates a googleapis prefix)."""
-    return type_url.rsplit("/", 1)[-1]
 
 
 def from_toml(text: str) -> ShimOptions:
@@ -92,6 +115,8 @@ def from_toml(text: str) -> ShimOptions:
         expected = type(getattr(options, attr))
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ValueError(f"runtime option {key!r} must be {expected.__name__}")
+        if attr == "spool_limit_bytes" and value < 0:
+            raise ValueError(f"runtime option {key!r} must not be negative")
         setattr(options, attr, value)
     return options
 

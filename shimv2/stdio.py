@@ -5,16 +5,16 @@ move the bytes to what containerd's client gave us: FIFOs (held open O_RDWR,
 so a restarting client causes neither EPIPE nor blocking opens), or plain
 files. stdin flows the other way from its FIFO, kept alive by a writer of our
 own that only ``CloseIO`` releases. No ``open()`` here can block the loop.
+While nobody reads an output FIFO the copy loop spools into the bundle instead
+of letting the container block (:mod:`shimv2.spool`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
-import select
 import signal
 import stat
 from collections.abc import Callable
@@ -24,14 +24,12 @@ from urllib.parse import parse_qsl, urlparse
 import trio
 
 from shimv2.reaper import Child
+from shimv2.spool import Sink, Spool, SpoolConfig
 from shimv2.tasks import Spawner
 from shimv2.ttrpc import status
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 16
-_SPLICE_CHUNK = 1 << 20
-_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 
@@ -82,75 +80,19 @@ def close_fd(fd: int) -> None:
             os.close(fd)
 
 
-def _readable_now(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-async def _splice(src: int, dst: int) -> bool:
-    """Move ``src`` to ``dst`` in the kernel until EOF (True), or False if splice
-    cannot serve this pair (e.g. an O_APPEND file) and nothing was moved yet."""
-    moved = False
-    while True:
-        try:
-            n = os.splice(src, dst, _SPLICE_CHUNK, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            # Either src is empty or dst is full: find out which to wait for.
-            if _readable_now(src):
-                await trio.lowlevel.wait_writable(dst)
-            else:
-                await trio.lowlevel.wait_readable(src)
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EINVAL and not moved:
-                return False
-            raise
-        if n == 0:
-            return True
-        moved = True
-
-
-async def _copy(src: int, dst: int) -> None:
-    """read/write fallback; after EPIPE keep draining ``src`` into nothing."""
-    broken = False
-    while True:
-        try:
-            data = os.read(src, _CHUNK)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(src)
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EIO:
-                return
-            raise
-        if not data:
-            return
-        view = memoryview(data)
-        while view and not broken:
-            try:
-                view = view[os.write(dst, view) :]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(dst)
-            except OSError as exc:
-                log.warning("stdio copy: output failed (%s); discarding the rest", exc)
-                broken = True
-
-
-async def pump(src: int, dst: int) -> None:
+async def pump(src: int, dst: int, spool: Spool | None = None) -> None:
     """Copy ``src`` (a pipe or FIFO) to ``dst`` until EOF on ``src``; closes both.
 
     splice(2) moves the bytes without copying them through Python; where it
-    cannot (an O_APPEND file) plain read/write does. If ``dst`` fails we keep
+    cannot (an O_APPEND file) plain read/write does. With a ``spool``, a ``dst``
+    that takes nothing for a while (a FIFO nobody reads) does not stop the
+    draining of ``src``: see :mod:`shimv2.spool`. If ``dst`` fails we keep
     draining ``src``: a container must never block on a stream nobody reads.
     """
     try:
-        try:
-            if await _splice(src, dst):
-                return
-        except OSError as exc:
-            log.warning("stdio splice failed (%s); copying the rest", exc)
-        await _copy(src, dst)
+        await Sink(dst, spool, spool.label if spool else "stdio copy").run(
+            lambda sink: sink.splice_from(src)
+        )
     finally:
         close_fd(src)
         close_fd(dst)
@@ -315,13 +257,15 @@ class PipeIO(StdioBase):
         gid: int = 0,
         *,
         logger: LoggerContext | None = None,
+        spool: SpoolConfig | None = None,
     ) -> None:
         super().__init__(spec)
         self._runc_fds: dict[int, int | None] = {0: None, 1: None, 2: None}
         self._ours: list[int] = []  # container-side ends closed after runc started
-        # (src, dst) pairs owned here until their copy loops start
+        # (src, dst[, spool]) owned here until their copy loops start
         self._stdin_pump: tuple[int, int] | None = None
-        self._output_pumps: list[tuple[int, int]] = []
+        self._output_pumps: list[tuple[int, int, Spool | None]] = []
+        self._spool = spool  # None: no spooling, a FIFO nobody reads blocks the container
         self._logger: BinaryLogger | None = None  # binary://: it reads the pipes itself
         self._scopes: list[trio.CancelScope] = []  # of the running copy loops
         try:
@@ -354,7 +298,7 @@ class PipeIO(StdioBase):
             self.output_done.set()  # nothing for us to copy
             return
         shared: dict[str, int] = {}
-        for target, uri in ((1, spec.stdout), (2, spec.stderr)):
+        for target, stream, uri in ((1, "stdout", spec.stdout), (2, "stderr", spec.stderr)):
             if not uri:
                 continue
             key = _output_target(uri)
@@ -367,7 +311,8 @@ class PipeIO(StdioBase):
                 os.close(dst)
                 raise
             self._ours.remove(r)
-            self._output_pumps.append((r, dst))  # owned by close() from here on
+            spool = self._spool.spool(stream) if self._spool is not None else None
+            self._output_pumps.append((r, dst, spool))  # owned by close() from here on
             os.fchown(w, uid, gid)
             self._runc_fds[target] = w
             os.set_blocking(r, False)
@@ -410,13 +355,13 @@ class PipeIO(StdioBase):
         """Start the copy loops in ``nursery`` (the owning container's); close() stops them."""
         remaining = len(self._output_pumps)
 
-        async def copy(src: int, dst: int, output: bool) -> None:
+        async def copy(src: int, dst: int, output: bool, spool: Spool | None = None) -> None:
             nonlocal remaining
             scope = trio.CancelScope()
             self._scopes.append(scope)
             try:
                 with scope:
-                    await pump(src, dst)
+                    await pump(src, dst, spool)
             finally:
                 if output:
                     remaining -= 1
@@ -426,8 +371,8 @@ class PipeIO(StdioBase):
         if self._stdin_pump is not None:
             nursery.start_soon(copy, *self._stdin_pump, False)
             self._stdin_pump = None
-        for src, dst in self._output_pumps:
-            nursery.start_soon(copy, src, dst, True)
+        for src, dst, spool in self._output_pumps:
+            nursery.start_soon(copy, src, dst, True, spool)
         self._output_pumps.clear()
 
     def close(self) -> None:
@@ -435,7 +380,8 @@ class PipeIO(StdioBase):
         for scope in self._scopes:
             scope.cancel()
         self.close_after_start()
-        pending = [*self._output_pumps, *([self._stdin_pump] if self._stdin_pump else [])]
+        pending = [(s, d) for s, d, _ in self._output_pumps]
+        pending += [self._stdin_pump] if self._stdin_pump else []
         for src, dst in pending:
             for fd in (src, dst):
                 with contextlib.suppress(OSError):

@@ -344,3 +344,39 @@ def test_json_go_runc_shim_format() -> None:
     assert ShimOptions.from_json(text) == ShimOptions(
         binary_name="/x/runc", root="/r", systemd_cgroup=True
     )
+
+
+# -- spool limit (ours: output kept while nobody reads a FIFO) ---------------------
+
+
+def test_spool_limit_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(options.SPOOL_LIMIT_ENV, raising=False)
+    assert ShimOptions().spool_limit == options.DEFAULT_SPOOL_LIMIT == 64 << 20
+
+
+@pytest.mark.parametrize("key", ["SpoolLimitBytes", "spool_limit_bytes", "spoollimitbytes"])
+def test_spool_limit_from_toml(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(options.SPOOL_LIMIT_ENV, "5")
+    assert from_toml(f"{key} = 1048576").spool_limit == 1 << 20
+    assert from_toml(f"{key} = 0").spool_limit == 0  # 0: never spool, block like Go
+
+
+@pytest.mark.parametrize("text", ["SpoolLimitBytes = -1", 'SpoolLimitBytes = "64M"'])
+def test_spool_limit_bad_values(text: str) -> None:
+    with pytest.raises(ValueError, match="runtime option"):
+        from_toml(text)
+
+
+@pytest.mark.parametrize(("env", "expected"), [("2048", 2048), ("0", 0), ("lots", 64 << 20)])
+def test_spool_limit_from_environment(
+    env: str, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(options.SPOOL_LIMIT_ENV, env)
+    assert ShimOptions().spool_limit == expected
+
+
+def test_spool_limit_json_round_trip() -> None:
+    for value in (0, 4096):
+        o = ShimOptions(spool_limit_bytes=value)
+        assert json.loads(o.to_json()) == {"spool_limit_bytes": value}
+        assert ShimOptions.from_json(o.to_json()) == o

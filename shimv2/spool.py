@@ -1,0 +1,451 @@
+"""Output that never blocks the container: a bounded spool in front of the client's FIFO.
+
+The client (containerd, CRI, ``ctr``) reads stdout/stderr from FIFOs we hold
+open O_RDWR, so a reader that goes away (containerd restarting, a detached
+``ctr``) causes no EPIPE, only a FIFO that fills up. The Go shim then stops
+copying and the container blocks in write(2) until a reader returns
+(containerd#9342, #11511, #11805). We do not: when the FIFO has taken nothing
+for :data:`STALL_GRACE`, the copy loop keeps draining the container's side
+into a :class:`Spool`, a ring in a file in the bundle, and a deliverer task
+moves the spool into the FIFO as soon as it takes data again, oldest byte
+first. Only when the spool is empty do bytes go straight to the FIFO again, so
+the order is exactly the container's. Past the spool's limit the oldest bytes
+are overwritten; the loss is counted and logged. Filling the spool uses
+splice(2); delivering it copies (see :meth:`Spool.deliver_to`), but that is
+only the catching-up path: while the spool is empty, container pipe → FIFO
+stays a zero-copy splice.
+
+:class:`Sink` is the one place for this logic: the pipe pumps
+(:func:`shimv2.stdio.pump`) feed it with :meth:`Sink.splice_from`, the pty
+loop (:mod:`shimv2.console`) with :meth:`Sink.write`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import math
+import os
+import select
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from shimv2.options import DEFAULT_SPOOL_LIMIT
+
+log = logging.getLogger(__name__)
+
+#: How long the client's FIFO may take nothing before we spool. Long enough that
+#: a busy but live reader gives back-pressure instead of disk traffic; short
+#: enough that the container barely notices a reader that went away.
+STALL_GRACE = 0.1
+#: At most one "dropped" warning per stream in this many seconds.
+REPORT_INTERVAL = 10.0
+
+_CHUNK = 1 << 16
+_SPLICE_CHUNK = 1 << 20
+_F_GETPIPE_SZ = 1032
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+def human(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} bytes"
+
+
+def readable_now(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    """Where a process's output streams spool, and how much (``limit`` 0: never, block)."""
+
+    directory: str  # the bundle
+    limit: int = DEFAULT_SPOOL_LIMIT  # bytes per stream
+    prefix: str = ""  # "" for the init, "<exec id>." for an exec: one file per stream
+    owner: str = ""  # for log lines
+
+    def spool(self, stream: str) -> Spool | None:
+        if self.limit <= 0:
+            return None
+        path = os.path.join(self.directory, f"{self.prefix}{stream}.spool")
+        label = f"{stream} of {self.owner}" if self.owner else stream
+        return Spool(path, self.limit, label)
+
+
+class Spool:
+    """A bounded queue of bytes in a file, used as a ring of ``limit`` bytes.
+
+    ``head``/``tail`` are stream offsets (they only grow); byte ``i`` lives at
+    file offset ``i % limit``. Storing past the limit overwrites the oldest
+    bytes, which are then counted as dropped. The file is created on first use,
+    truncated whenever the spool runs empty (it is usually on tmpfs: that frees
+    the memory) and removed by :meth:`close`.
+    """
+
+    def __init__(self, path: str, limit: int, label: str) -> None:
+        if limit <= 0:
+            raise ValueError("a spool needs a positive limit")
+        self.path = path
+        self.limit = limit
+        self.label = label
+        self.fd = -1
+        self.head = 0
+        self.tail = 0
+        self.dropped = 0  # in total, for tests and the final report
+        self.failed = False  # the file could not take data: no spooling until it is empty
+        self._unreported = 0
+        self._next_report = -math.inf
+        self._announced = False
+        self._chunk = 0  # bytes per delivery; the destination's pipe size
+
+    def __len__(self) -> int:
+        return self.tail - self.head
+
+    @property
+    def usable(self) -> bool:
+        """False while a failed file still holds bytes (they go first); empty, we retry."""
+        return not (self.failed and len(self))
+
+    def _file(self) -> int:
+        if self.fd < 0:
+            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+            self.fd = os.open(self.path, flags, 0o600)
+        if not self._announced:
+            self._announced = True
+            log.info(
+                "%s: nobody reads, spooling to %s (limit %s)",
+                self.label,
+                self.path,
+                human(self.limit),
+            )
+        return self.fd
+
+    def fill_from(self, src: int) -> int:
+        """splice what ``src`` holds into the spool; 0 at EOF, BlockingIOError when empty."""
+        fd = self._file()
+        pos = self.tail % self.limit
+        n = os.splice(
+            src, fd, min(_SPLICE_CHUNK, self.limit - pos), offset_dst=pos, flags=_SPLICE_FLAGS
+        )
+        self._stored(n)
+        return n
+
+    def write(self, data: memoryview) -> int:
+        """Store ``data``; returns how much of it was consumed (less only if the file failed)."""
+        consumed = 0
+        try:
+            fd = self._file()
+            if len(data) > self.limit:
+                # Only its newest ``limit`` bytes can stay; the rest is dropped at once.
+                skip = len(data) - self.limit
+                self._drop(skip + len(self))
+                self.head = self.tail = self.tail + skip
+                data, consumed = data[skip:], skip
+            while data:
+                pos = self.tail % self.limit
+                n = os.pwrite(fd, data[: self.limit - pos], pos)
+                self._stored(n)
+                data, consumed = data[n:], consumed + n
+        except OSError as exc:
+            self.fail(exc)
+        return consumed
+
+    def deliver_to(self, dst: int) -> int:
+        """Write the oldest bytes to ``dst``; BlockingIOError while it is full.
+
+        A copy, not splice(2): a spliced page stays shared between the file and
+        the FIFO, so when the ring later wraps onto it the reader would get the
+        new bytes in place of the ones it has not read yet.
+        """
+        if self._chunk == 0:
+            try:  # as much as the FIFO takes at once: no reads wasted on partial writes
+                self._chunk = max(fcntl.fcntl(dst, _F_GETPIPE_SZ), 4096)
+            except OSError:
+                self._chunk = _CHUNK
+        pos = self.head % self.limit
+        data = os.pread(self.fd, min(self._chunk, len(self), self.limit - pos), pos)
+        if not data:
+            raise OSError(errno.EIO, f"spool file {self.path} ended early")
+        n = os.write(dst, data)
+        self.head += n
+        if not len(self):
+            self._reset()
+        return n
+
+    def discard(self) -> int:
+        """Forget what is stored (the destination is gone); returns how much that was."""
+        n = len(self)
+        self._reset()
+        return n
+
+    def fail(self, exc: OSError) -> None:
+        """The file cannot take more (disk full, bundle gone): stop spooling until empty."""
+        if not self.failed:
+            log.error(
+                "%s: cannot spool to %s (%s); output waits for a reader", self.label, self.path, exc
+            )
+        self.failed = True
+
+    def close(self) -> None:
+        """Remove the file; report what was lost. Idempotent."""
+        left = len(self)
+        self.head = self.tail
+        if left:
+            log.warning(
+                "%s: %d spooled bytes were never read; discarded when the I/O closed",
+                self.label,
+                left,
+            )
+        self._report(force=True)
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    def _stored(self, n: int) -> None:
+        self.tail += n
+        over = len(self) - self.limit
+        if over > 0:
+            # The ring wrapped onto bytes nobody read yet: they are the oldest, gone.
+            self.head += over
+            self._drop(over)
+
+    def _drop(self, n: int) -> None:
+        if n > 0:
+            self.dropped += n
+            self._unreported += n
+            self._report()
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._unreported or (now < self._next_report and not force):
+            return
+        log.warning(
+            "%s: no reader, dropped %d bytes of oldest output (spool limit %s; %d dropped in all)",
+            self.label,
+            self._unreported,
+            human(self.limit),
+            self.dropped,
+        )
+        self._unreported = 0
+        self._next_report = now + REPORT_INTERVAL
+
+    def _reset(self) -> None:
+        self.head = self.tail = 0
+        self.failed = False  # emptied: worth trying again at the next stall
+        if self.fd >= 0:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError as exc:
+                log.debug("%s: truncating %s: %s", self.label, self.path, exc)
+
+
+class Sink:
+    """One output stream's destination: the client's fd, with an optional spool in front.
+
+    Feed it with :meth:`splice_from` (a pipe) or :meth:`write` (bytes) inside
+    :meth:`run`, which also runs the deliverer: spooled bytes go to ``fd``
+    whenever it takes them, and the run ends only when they all went (or the
+    run is cancelled, e.g. by Delete). Invariants that keep the order and let
+    two tasks share ``fd`` (trio allows one waiter per fd and direction):
+    new bytes go to ``fd`` directly only while the spool is empty, and only the
+    deliverer waits for ``fd`` while it is not.
+
+    After a write error (not "full") the sink swallows the rest: a container
+    must never block on a stream nobody can take. ``fd < 0`` discards everything.
+    """
+
+    def __init__(self, fd: int, spool: Spool | None = None, what: str = "output") -> None:
+        self.fd = fd
+        self.spool = spool
+        self.what = what
+        self.broken = fd < 0
+        self._wake = trio.Event()  # for the deliverer: the spool has data
+        self._emptied = trio.Event()  # for a writer waiting on a failed spool
+
+    async def run(self, feed: Callable[[Sink], Awaitable[None]]) -> None:
+        """Run ``feed(self)`` with the deliverer beside it, then deliver what is left."""
+        spool = self.spool
+        if spool is None:
+            await feed(self)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._deliver, False)
+                await feed(self)
+                nursery.cancel_scope.cancel()
+            await self._deliver(True)
+        finally:
+            spool.close()
+
+    # -- feeding ------------------------------------------------------------------
+
+    async def splice_from(self, src: int) -> None:
+        """Move everything from the pipe ``src`` until its EOF, in the kernel where possible."""
+        spool = self.spool
+        moved = False
+        while True:
+            if self.broken:
+                await _discard(src)
+                return
+            if spool is not None and len(spool):
+                if not spool.usable:
+                    await self._wait_emptied()
+                    continue
+                # Behind the spool: new bytes queue up after it, in order.
+                try:
+                    n = spool.fill_from(src)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(src)
+                    continue
+                except OSError as exc:
+                    spool.fail(exc)
+                    continue
+                if n == 0:
+                    return
+                self._wake.set()
+                continue
+            try:
+                n = os.splice(src, self.fd, _SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                # Either src is empty or fd is full: find out which to wait for.
+                if readable_now(src):
+                    await self._stalled(src)
+                else:
+                    await trio.lowlevel.wait_readable(src)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and not moved:
+                    await self._copy_from(src)  # e.g. an O_APPEND file: no splice
+                    return
+                self._break(exc)
+                continue
+            if n == 0:
+                return
+            moved = True
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Take ``data``: written to ``fd``, or spooled if ``fd`` has been full for a while."""
+        view = memoryview(data)
+        spool = self.spool
+        while view and not self.broken:
+            if spool is not None and len(spool):
+                if not spool.usable:
+                    await self._wait_emptied()
+                    continue
+                view = view[self._spool_write(spool, view) :]
+                continue
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                if spool is None or not spool.usable:
+                    await trio.lowlevel.wait_writable(self.fd)
+                    continue
+                with trio.move_on_after(STALL_GRACE):
+                    await trio.lowlevel.wait_writable(self.fd)
+                    continue
+                view = view[self._spool_write(spool, view) :]
+            except OSError as exc:
+                self._break(exc)
+
+    async def _copy_from(self, src: int) -> None:
+        while True:
+            try:
+                data = os.read(src, _CHUNK)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(src)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    return
+                raise
+            if not data:
+                return
+            await self.write(data)
+
+    async def _stalled(self, src: int) -> None:
+        """``fd`` is full while ``src`` has data: wait for the reader a little, then spool."""
+        spool = self.spool
+        if spool is None or not spool.usable:
+            await trio.lowlevel.wait_writable(self.fd)  # no spool: block, as the Go shim does
+            return
+        with trio.move_on_after(STALL_GRACE):
+            await trio.lowlevel.wait_writable(self.fd)
+            return
+        # Nobody took anything for a while: drain the container into the spool.
+        try:
+            if spool.fill_from(src):
+                self._wake.set()
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            spool.fail(exc)
+
+    def _spool_write(self, spool: Spool, view: memoryview) -> int:
+        n = spool.write(view)
+        if len(spool):
+            self._wake.set()
+        return n
+
+    async def _wait_emptied(self) -> None:
+        spool = self.spool
+        while spool is not None and len(spool) and not self.broken:
+            self._emptied = trio.Event()
+            await self._emptied.wait()
+
+    def _break(self, exc: OSError) -> None:
+        log.warning("%s: writing failed (%s); discarding the rest", self.what, exc)
+        self.broken = True
+        if self.spool is not None:
+            self.spool.discard()
+        self._wake.set()
+        self._emptied.set()
+
+    # -- delivering ---------------------------------------------------------------
+
+    async def _deliver(self, until_empty: bool) -> None:
+        """Spool → ``fd`` whenever it takes data; with ``until_empty``, stop when drained."""
+        spool = self.spool
+        assert spool is not None
+        while True:
+            if self.broken or not len(spool):
+                self._emptied.set()
+                if until_empty:
+                    return
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            try:
+                spool.deliver_to(self.fd)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.fd)
+            except OSError as exc:
+                self._break(exc)
+
+
+async def _discard(src: int) -> None:
+    """Read ``src`` to EOF into nothing, so its writer never blocks."""
+    while True:
+        try:
+            data = os.read(src, _SPLICE_CHUNK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(src)
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                return
+            raise
+        if not data:
+            return
