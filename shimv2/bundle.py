@@ -1,24 +1,26 @@
 """Files the shim keeps in the bundle directory, so that ``delete`` (a separate,
 short-lived process) and a later containerd can find what the daemon knew.
 
-Plain files, no protobuf: ``start`` and ``delete`` import this module.
+Plain files, no protobuf: ``start`` and ``delete`` import this module, so it
+keeps its imports light (no dataclasses; options only when asked for).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
-from shimv2.options import ShimOptions
+if TYPE_CHECKING:
+    from shimv2.options import ShimOptions
 
 OPTIONS_FILE = "options.json"
 EXIT_FILE = "init.exit.json"
 
 
-@dataclass(frozen=True)
-class ExitRecord:
+class ExitRecord(NamedTuple):
     pid: int
     status: int
     exited_at_ns: int
@@ -31,11 +33,19 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        try:
+            data = text.encode()
+            if os.write(fd, data) != len(data):  # a short write: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError:
+        # No half-written temporary file left taking the room of a full disk.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_text(path: str) -> str | None:
@@ -60,6 +70,8 @@ def write_runc_options(bundle: str, options: ShimOptions) -> None:
 
 
 def read_runc_options(bundle: str) -> ShimOptions:
+    from shimv2.options import ShimOptions
+
     text = read_text(os.path.join(bundle, OPTIONS_FILE))
     if not text:
         return ShimOptions()
@@ -70,7 +82,7 @@ def read_runc_options(bundle: str) -> ShimOptions:
 
 
 def write_exit(bundle: str, record: ExitRecord) -> None:
-    write_atomic(os.path.join(bundle, EXIT_FILE), json.dumps(asdict(record)))
+    write_atomic(os.path.join(bundle, EXIT_FILE), json.dumps(record._asdict()))
 
 
 def read_exit(bundle: str) -> ExitRecord | None:

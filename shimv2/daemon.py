@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -51,10 +50,16 @@ def _listener(flags: Flags) -> socket.socket:
     return socket.socket(fileno=LISTENER_FD)
 
 
-def _socket_path(flags: Flags) -> str:
-    """Read once at start-up: in a grouped shim our cwd bundle may be deleted first."""
+def _socket_path(flags: Flags, listener: socket.socket) -> str:
+    """The socket file to remove at exit, known at start-up (in a grouped shim our
+    cwd bundle may be deleted first). The listener's own name comes first: a
+    daemon forked by the fork server runs before ``start`` has written ``address``."""
     if flags.socket:
         return flags.socket
+    with contextlib.suppress(OSError):
+        name = listener.getsockname()
+        if isinstance(name, str) and name.startswith("/"):  # not an abstract name
+            return name
     try:
         with open("address") as f:
             return f.read().strip().removeprefix("unix://")
@@ -65,6 +70,9 @@ def _socket_path(flags: Flags) -> str:
 async def serve(flags: Flags, listener: socket.socket, socket_path: str) -> None:
     reaper = Reaper()
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
+    # A daemon started again in a bundle sends what its predecessor could not, first.
+    if flags.id:
+        publisher.replay(flags.id, os.getcwd())
     shutdown = trio.Event()
     server = Server()
     async with trio.open_nursery() as nursery:
@@ -97,6 +105,7 @@ async def serve(flags: Flags, listener: socket.socket, socket_path: str) -> None
                 os.unlink(socket_path)
         if not await publisher.flush(EVENT_FLUSH_TIMEOUT):
             log.warning("exiting with %d undelivered events", publisher.pending)
+        publisher.close_journals()
         nursery.cancel_scope.cancel()
 
 
@@ -108,7 +117,7 @@ def run(flags: Flags) -> int:
     try:
         become_subreaper()
         listener = _listener(flags)
-        trio.run(serve, flags, listener, _socket_path(flags))
+        trio.run(serve, flags, listener, _socket_path(flags, listener))
     except Exception:
         log.exception("shim daemon failed")
         return 1
