@@ -30,6 +30,27 @@ def read_linux_spec(bundle: str) -> dict[str, Any]:
     return linux if isinstance(linux, dict) else {}
 
 
+def check_spec(bundle: str) -> None:
+    """Raise ValueError unless the bundle's config.json can describe a container:
+    a JSON object whose ``process`` has non-empty ``args`` (runc refuses anything
+    less, but only with UNKNOWN and without naming the file)."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from exc
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"not valid JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ValueError(f"not a JSON object but {type(spec).__name__}")
+    process = spec.get("process")
+    if not isinstance(process, dict):
+        raise ValueError("process must be an object")
+    args = process.get("args")
+    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+        raise ValueError("process.args must be a non-empty list of strings")
+
+
 def has_own_pid_namespace(linux: dict[str, Any]) -> bool:
     """True when the spec gives the container a new PID namespace (no path).
 

@@ -33,12 +33,13 @@ from shimv2.api.containerd.runc.options import oci_pb2
 from shimv2.api.containerd.task.v2 import shim_pb2 as api
 from shimv2.api.containerd.types.task import task_pb2 as tasktypes
 from shimv2.console import ConsoleIO
-from shimv2.container import Container, read_linux_spec, wants_systemd_cgroup
+from shimv2.container import Container, check_spec, read_linux_spec, wants_systemd_cgroup
 from shimv2.events import Publisher, pack
 from shimv2.mount import Mount
 from shimv2.process import Process, Status, kill_error
 from shimv2.reaper import Exit, Reaper
 from shimv2.runc import CheckpointOpts, RestoreOpts, Runc, RuncError
+from shimv2.spool import SpoolConfig
 from shimv2.stdio import LoggerContext, PipeIO, StdioSpec
 from shimv2.tasks import GuardedNursery
 from shimv2.ttrpc import Code, Method, RequestContext, TTRPCError, status
@@ -230,7 +231,14 @@ class TaskService:
             try:
                 await trio.to_thread.run_sync(bundlefiles.write_exit, container.bundle, record)
             except OSError as exc:
-                log.error("cannot persist the exit of %s: %s", container.id, exc)
+                # A full or read-only bundle filesystem must not cost the exit: State,
+                # Wait and the event still report it (and the journal may hold it).
+                log.error(
+                    "could not persist the exit of %s in %s: %s; kept in memory",
+                    container.id,
+                    bundlefiles.EXIT_FILE,
+                    exc.strerror or exc,
+                )
         # Nothing awaited from here to the publish: State, Wait and the events agree.
         self._publish_ooms(container)
         process.set_exited(e.status, e.timestamp_ns)
@@ -251,10 +259,16 @@ class TaskService:
         """The process's stdio, attached to it, ready for runc (a logger is running)."""
         io: PipeIO | ConsoleIO
         logger = LoggerContext(self._reaper.spawn, process.id, self.namespace)
+        spool = SpoolConfig(
+            container.bundle,
+            container.options.spool_limit,
+            prefix=f"{process.exec_id}." if process.exec_id else "",
+            owner=f"exec {process.exec_id} of {container.id}" if process.exec_id else container.id,
+        )
         if process.stdio.terminal:
-            io = ConsoleIO(process.stdio, logger)
+            io = ConsoleIO(process.stdio, logger, spool)
         else:
-            io = PipeIO(process.stdio, *container.io_owner, logger=logger)
+            io = PipeIO(process.stdio, *container.io_owner, logger=logger, spool=spool)
         process.attach_io(io)
         await io.ready()
         return io
@@ -283,11 +297,18 @@ class TaskService:
             raise status.invalid_argument(f"bundle {req.bundle} has no config.json")
         self._creating.add(req.id)
         try:
+            try:
+                await trio.to_thread.run_sync(check_spec, req.bundle)
+            except ValueError as exc:
+                raise status.invalid_argument(
+                    f"invalid config.json in {req.bundle}: {exc}"
+                ) from None
             container, subscriber = await self._create(req)
         finally:
             self._creating.discard(req.id)
         init = container.init
         self.containers[req.id] = container
+        self._publisher.open_journal(req.id, req.bundle)
         self._publisher.publish(
             "/tasks/create",
             events.TaskCreate(
@@ -311,7 +332,17 @@ class TaskService:
             raise status.invalid_argument(str(exc)) from exc
         if wants_systemd_cgroup(read_linux_spec(req.bundle)):
             opts.systemd_cgroup = True
-        await trio.to_thread.run_sync(bundlefiles.write_runc_options, req.bundle, opts)
+        try:
+            await trio.to_thread.run_sync(bundlefiles.write_runc_options, req.bundle, opts)
+        except OSError as exc:
+            # Only `shim delete` after a dead shim reads it (and then falls back to
+            # the default runc root): not worth failing the Create for.
+            log.error(
+                "could not persist the runc options of %s in %s: %s",
+                req.id,
+                bundlefiles.OPTIONS_FILE,
+                exc.strerror or exc,
+            )
         stdio = StdioSpec(req.stdin, req.stdout, req.stderr, req.terminal)
         init = Process(req.id, "", stdio)
         runc = Runc(self._reaper, opts, self.namespace, req.bundle)
@@ -335,6 +366,9 @@ class TaskService:
             await self._nursery.start(container.run)
             if container.restore is None:
                 pid_file = os.path.join(req.bundle, "init.pid")
+                # A failing `runc create` may leave a half-created container (and a
+                # waiting `runc init`): ours to remove, unless its state was there before.
+                created = not os.path.lexists(os.path.join(runc.root, req.id))
                 await runc.create(
                     req.id,
                     req.bundle,
@@ -394,7 +428,8 @@ class TaskService:
             try:
                 await container.runc.delete(container.id, force=True)
             except RuncError as exc:
-                log.warning("cleaning up failed create of %s: %s", container.id, exc)
+                if "does not exist" not in exc.message:  # runc failed before creating it
+                    log.warning("cleaning up failed create of %s: %s", container.id, exc)
         self._forget(container, container.init)
         await self._close_io(container.init)
         container.close()
@@ -591,6 +626,8 @@ class TaskService:
                 exited_at=_timestamp(init.exited_at_or_zero),
             ),
         )
+        # The task is deleted: its journal goes once /tasks/delete is delivered.
+        self._publisher.release_journal(container.id)
         self._shutdown_if_idle()
         if unmount_error is not None:
             raise status.unknown(f"failed rootfs umount: {unmount_error}")

@@ -929,9 +929,10 @@ async def _init_exit_waits_for_execs(shim: Shim) -> None:
     # exists, but (like runc kill --all, which the fake cannot do for a stopped
     # container) the shim kills it when the init exits.
     started, release = shim.base / "exec-started", shim.base / "release"
+    go = shim.base / "go"  # the exec lets the init exit only after our checks on it
     wait_for = "while [ ! -e {0} ]; do sleep 0.01; done"
     init_pid = await shim.run("c1", ["sh", "-c", wait_for.format(started) + "; exit 1"])
-    exec_script = f"touch {started}; " + wait_for.format(release)
+    exec_script = f"{wait_for.format(go)}; touch {started}; " + wait_for.format(release)
     await shim.call(
         "Exec",
         api.ExecProcessRequest(id="c1", exec_id="e1", spec=exec_spec(["sh", "-c", exec_script])),
@@ -944,6 +945,7 @@ async def _init_exit_waits_for_execs(shim: Shim) -> None:
         "cannot delete a running process",
     )
     await shim.call("ResizePty", api.ResizePtyRequest(id="c1", exec_id="e1", width=80, height=24))
+    go.touch()
     with trio.fail_after(TIMEOUT):
         while not started.exists():
             await trio.sleep(0.01)

@@ -29,6 +29,8 @@ Environment knobs (the shim passes its environment on to runc):
   ``{"level":"error","msg":...}`` in the ``--log`` file and exit status
   ``FAKE_RUNC_FAIL_STATUS`` (default 1). The message is ``FAKE_RUNC_FAIL_MSG``
   or ``fake <cmd> failure``.
+* ``FAKE_RUNC_FAIL_AFTER=<cmd>[,<cmd>...]``: do that subcommand, then fail it
+  the same way (e.g. a ``create`` that leaves a half-created container).
 * ``FAKE_RUNC_NOLOG=1``: report errors on stderr only, never in the log file.
 * ``FAKE_RUNC_PS_OUTPUT=<text>``: what ``ps`` prints instead of the real pid list.
 * ``FAKE_RUNC_START_WAIT_EXIT=1``: ``start`` returns only after the container
@@ -404,6 +406,9 @@ def main(argv: list[str]) -> int:
     finally:
         if lock_fd >= 0:
             os.close(lock_fd)
+    if command in os.environ.get("FAKE_RUNC_FAIL_AFTER", "").split(","):
+        log_error(log_path, os.environ.get("FAKE_RUNC_FAIL_MSG") or f"fake {command} failure")
+        return int(os.environ.get("FAKE_RUNC_FAIL_STATUS", "1"))
     return 0
 
 
