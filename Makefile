@@ -27,6 +27,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -I -m shimv2.launcher $(VENV)/bin/containerd-shim-pyshim-v2
 	@touch $@
 
 test: deps venv

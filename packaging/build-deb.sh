@@ -55,13 +55,15 @@ DEST=$STAGE$REL
 echo "build-deb.sh: building venv for $REL with $PYTHON ($PYMINOR)"
 "$PYTHON" -m venv "$DEST"
 "$DEST/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --no-compile "$SRC"
+# containerd runs the binary for every start and delete: the launcher skips site (-I -S)
+"$DEST/bin/python" -I -m shimv2.launcher "$DEST/bin/$NAME"
 # the runtime needs neither pip nor setuptools
 "$DEST/bin/python" -m pip uninstall --quiet --yes pip setuptools >/dev/null 2>&1 || true
 rm -rf "$DEST/bin/pip" "$DEST/bin/pip3" "$DEST/bin/pip$PYMINOR"
 # relocate: shebangs, activate scripts and pyvenv.cfg name the staging dir
 grep -rlI --null -F -- "$STAGE" "$DEST" | xargs -0 -r sed -i "s|$STAGE||g"
 if grep -rlI -F -- "$STAGE" "$DEST"; then die "staging path left in the files above"; fi
-head -1 "$DEST/bin/$NAME" | grep -qx "#!$REL/bin/python" || die "unexpected shebang in bin/$NAME"
+head -1 "$DEST/bin/$NAME" | grep -qx "#!$REL/bin/python -IS" || die "unexpected shebang in bin/$NAME"
 # byte-compile with the final paths so Python never writes into /opt at run time
 "$PYTHON" -m compileall -q -j0 -s "$STAGE" -p / "$DEST/lib" >/dev/null
 find "$STAGE" -name '*.pyc' -path "*__pycache__*" | head -1 | grep -q . || die "compileall produced nothing"
@@ -104,6 +106,17 @@ in_use() {
     done
     return 1
 }
+# fork servers of an old release hold nothing (shims never depend on them): stop
+# them rather than keep their release alive until they time out
+stop_fork_servers() {
+    for _p in /proc/[0-9]*; do
+        if grep -qasF -- "$1/" "$_p/cmdline" 2>/dev/null \
+            && grep -qasF -- " forkserver " "$_p/cmdline" 2>/dev/null; then
+            kill -TERM "${_p#/proc/}" 2>/dev/null || true
+        fi
+    done
+    sleep 0.2
+}
 # dpkg deletes the files of the old version on upgrade/remove: keep hard links of
 # every release a running shim uses, restored by restore_kept
 keep_in_use() {
@@ -112,6 +125,7 @@ keep_in_use() {
         [ -d "$_r" ] || continue
         _n=$(basename "$_r")
         [ "$_n" = "$1" ] && continue
+        stop_fork_servers "$_r"
         if [ ! -e "$RELS/.keep-$_n" ] && in_use "$_r"; then
             cp -al "$_r" "$RELS/.keep-$_n"
         fi
@@ -131,6 +145,7 @@ gc_releases() {
     for _r in "$RELS"/*; do
         [ -d "$_r" ] || continue
         [ "$(basename "$_r")" = "$1" ] && continue
+        stop_fork_servers "$_r"
         if in_use "$_r"; then
             echo "pyshim: keeping $_r, still used by running shims" >&2
         else

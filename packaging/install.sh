@@ -47,6 +47,19 @@ in_use() {
     return 1
 }
 
+# stop the fork servers of release $1: they hold nothing (shims never depend on
+# them) and would keep an old release "in use" until they time out
+stop_fork_servers() {
+    _d=$1/
+    for _p in /proc/[0-9]*; do
+        if grep -qasF -- "$_d" "$_p/cmdline" 2>/dev/null \
+            && grep -qasF -- " forkserver " "$_p/cmdline" 2>/dev/null; then
+            kill -TERM "${_p#/proc/}" 2>/dev/null || true
+        fi
+    done
+    sleep 0.2
+}
+
 # delete releases other than $1 (a release dir name, may be empty) that no process uses
 gc_releases() {
     _keep=$1
@@ -54,6 +67,7 @@ gc_releases() {
     for _r in "$PREFIX"/releases/*; do
         [ -d "$_r" ] || continue
         [ "$(basename "$_r")" = "$_keep" ] && continue
+        stop_fork_servers "$_r"
         if in_use "$_r"; then
             say "keeping $_r: still used by a running process (removed by a later install/--uninstall)"
         else
@@ -141,6 +155,8 @@ trap 'rm -rf "$DEST"' EXIT
 say "building venv $DEST with $PYTHON"
 "$PYTHON" -m venv "$DEST"
 "$DEST/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "$SRC"
+# containerd runs the binary for every start and delete: the launcher skips site (-I -S)
+"$DEST/bin/python" -I -m shimv2.launcher "$DEST/bin/$NAME"
 "$DEST/bin/$NAME" -v >/dev/null || die "the installed $NAME does not run"
 trap - EXIT
 

@@ -10,10 +10,10 @@ has fields 1 and 2. No protobuf import: this runs on ``start``'s hot path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from shimv2 import protowire
-from shimv2.options import type_name
+from shimv2.protowire import type_name
 
 DEBUG_LEVEL = -4  # LogLevel: trace -8, debug -4, info 0, ...
 TASK_API_VERSION = 2  # what we answer: version 3 changes containerd's sandbox handling
@@ -25,8 +25,7 @@ KNOWN_OPTIONS = {
 }
 
 
-@dataclass(frozen=True)
-class StartInput:
+class StartInput(NamedTuple):
     options: bytes = b""  # a serialized Any, or b""
     bootstrap: bool = False  # containerd >= 2.3: answer with a BootstrapResult
     socket_dir: str = ""

@@ -164,6 +164,11 @@ def cgroup_paths(pid: int, proc_root: str = "/proc") -> CgroupPaths:
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
+def _unescape(field: str) -> str:
+    """mountinfo escapes spaces and the like as \\ooo."""
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _mounts(mountinfo: str) -> list[tuple[str, str]]:
     """(mount point, fs type) of every line of a mountinfo file, in mount order."""
     out: list[tuple[str, str]] = []
@@ -177,7 +182,7 @@ def _mounts(mountinfo: str) -> list[tuple[str, str]]:
                 continue
             if sep + 1 >= len(fields):
                 continue
-            point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+            point = _unescape(fields[4])
             out.append((os.path.normpath(point), fields[sep + 1]))
     return out
 
@@ -740,7 +745,6 @@ _IN_MODIFY = 0x00000002
 def _inotify_fd(paths: tuple[str, ...]) -> int:
     """An inotify fd (non-blocking, close-on-exec) watching ``paths`` for IN_MODIFY."""
     import ctypes
-    import ctypes.util
 
     from shimv2.libc import libc
 
@@ -846,3 +850,62 @@ def move_to_cgroup(
     if not written:
         raise CgroupError(f"cgroup {path!r} does not exist under {root} (looked in {bases})")
     return written
+
+
+def _cgroup_mounts(mountinfo: str) -> list[tuple[str, str, set[str]]]:
+    """(mount point, root inside the hierarchy, names) of every cgroup mount; names
+    are the v1 controllers / ``name=...`` of the mount, or {""} for cgroup2."""
+    out: list[tuple[str, str, set[str]]] = []
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            try:
+                sep = fields.index("-", 6)
+                fstype, options = fields[sep + 1], fields[sep + 3]
+            except (ValueError, IndexError):
+                continue
+            if fstype not in ("cgroup", "cgroup2"):
+                continue
+            names = {""} if fstype == "cgroup2" else set(options.split(","))
+            out.append((os.path.normpath(_unescape(fields[4])), _unescape(fields[3]), names))
+    return out
+
+
+def join_cgroups(cgroup_file: str, pid: int = 0, mountinfo: str = "/proc/self/mountinfo") -> None:
+    """Move ``pid`` (default: ourselves) into the cgroups another process's
+    ``/proc/PID/cgroup`` text lists, hierarchy by hierarchy (the fork server's
+    children take over the cgroups of the ``start`` that asked for them)."""
+    pid = pid or os.getpid()
+    mine = {
+        line.split(":", 2)[1]: line.split(":", 2)[2]
+        for line in _read_required("/proc/self/cgroup").splitlines()
+        if line.count(":") >= 2
+    }
+    mounts = _cgroup_mounts(mountinfo)
+    for line in cgroup_file.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, names, path = parts
+        if mine.get(names) == path:
+            continue
+        wanted = set(names.split(",")) if names else {""}
+        for point, root, mount_names in mounts:
+            if not wanted <= mount_names:
+                continue
+            rel = os.path.relpath(path, root) if root != "/" else path.lstrip("/")
+            if rel.startswith(".."):
+                raise CgroupError(f"cgroup {path} is outside the mount {point}")
+            target = os.path.join(point, rel, "cgroup.procs")
+            try:
+                _write(target, str(pid))
+            except OSError as e:
+                raise CgroupError(f"cannot move pid {pid} into {target}: {e.strerror}") from e
+            break
+        else:
+            raise CgroupError(f"no mount for cgroup hierarchy {names or 'cgroup2'!r}")
+
+
+def _read_required(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()

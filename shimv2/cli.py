@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 
 from shimv2 import __version__
 
@@ -35,19 +34,31 @@ class UsageError(Exception):
     """Bad command line; reported on stderr with exit status 2 (as Go's flag package)."""
 
 
-@dataclass
 class Flags:
-    namespace: str = ""
-    id: str = ""
-    address: str = ""
-    publish_binary: str = ""
-    bundle: str = ""
-    socket: str = ""
-    debug_socket: str = ""
-    debug: bool = False
-    v: bool = False
-    info: bool = False
-    action: str = ""
+    """The parsed command line (a plain class: ``start`` cannot afford dataclasses)."""
+
+    def __init__(self, **values: str | bool) -> None:
+        self.namespace = ""
+        self.id = ""
+        self.address = ""
+        self.publish_binary = ""
+        self.bundle = ""
+        self.socket = ""
+        self.debug_socket = ""
+        self.debug = False
+        self.v = False
+        self.info = False
+        self.action = ""
+        for name, value in values.items():
+            if not hasattr(self, name):
+                raise TypeError(f"unknown flag {name}")
+            setattr(self, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Flags) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return f"Flags({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 def parse_flags(argv: list[str]) -> Flags:
@@ -88,6 +99,32 @@ def parse_flags(argv: list[str]) -> Flags:
     return flags
 
 
+def _in_fork_server(args: list[str], action: str) -> int | None:
+    """The command's exit status from the fork server, or None: run it here."""
+    from shimv2 import forkserver
+
+    if not forkserver.enabled(os.environ):
+        return None
+    tag = forkserver.version_tag()
+    try:
+        return forkserver.run(args, tag)
+    except forkserver.Unavailable:
+        if action == "start":
+            forkserver.launch(tag)  # for the next start; this one runs here
+        return None
+    except forkserver.ForkServerError as exc:
+        print(f"failed to {action} shim: {exc}", file=sys.stderr)
+        return 1
+
+
+def self_command() -> list[str]:
+    """argv that runs this program again, with the interpreter flags we run with
+    (the launcher's ``-I -S``, see shimv2.launcher)."""
+    flags = ["-I", "-S"] if sys.flags.isolated and sys.flags.no_site else []
+    # realpath: the release we run from, even once an upgrade moved the link on
+    return [sys.executable, *flags, os.path.realpath(sys.argv[0])]
+
+
 def version_text(argv0: str) -> str:
     return (
         f"{os.path.basename(argv0) or BINARY_NAME}:\n"
@@ -96,7 +133,9 @@ def version_text(argv0: str) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, local: bool = False) -> int:
+    """Run the command line; ``start`` and ``delete`` go to the fork server when
+    one runs for this version (``local``: we are that server's child already)."""
     args = sys.argv[1:] if argv is None else argv
     try:
         flags = parse_flags(args)
@@ -110,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         from shimv2 import manager
 
         return manager.info()
+    if flags.action in ("start", "delete") and not local:
+        status = _in_fork_server(args, flags.action)
+        if status is not None:
+            return status
     if flags.action == "start":
         from shimv2 import manager
 
@@ -118,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         from shimv2 import manager
 
         return manager.delete(flags)
+    if flags.action == "forkserver":  # internal: launched by ``start`` (see forkserver.py)
+        from shimv2 import forkserver
+
+        return forkserver.main(args[args.index("forkserver") + 1 :])
     if flags.action:
         print(f"unknown action {flags.action!r}", file=sys.stderr)
         return 2

@@ -22,8 +22,9 @@ import sys
 import time
 
 from shimv2 import bundle as bundlefiles
+from shimv2 import forkserver, protowire
 from shimv2.bootstrap import bootstrap_result, classify
-from shimv2.cli import Flags
+from shimv2.cli import Flags, self_command
 
 SOCKET_DIR = "/run/containerd/s"
 # Annotations that put several containers into one shim (first present wins).
@@ -94,19 +95,16 @@ def bind_socket(path: str) -> socket.socket | None:
     raise StartError(f"socket {path} is in use")
 
 
-def _spawn_daemon(flags: Flags, listener: socket.socket) -> int:
-    argv = [
-        sys.executable,
-        os.path.abspath(sys.argv[0]),
-        "-namespace",
-        flags.namespace,
-        "-id",
-        flags.id,
-        "-address",
-        flags.address,
-    ]
+def _daemon_args(flags: Flags) -> list[str]:
+    args = ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
     if flags.debug:
-        argv.append("-debug")
+        args.append("-debug")
+    return args
+
+
+def _spawn_direct(args: list[str], listener: socket.socket) -> int:
+    """A fresh interpreter running the daemon (pays Python's start-up; see forkserver)."""
+    argv = [*self_command(), *args]
     # The daemon gets /dev/null for stdio (containerd reads start's pipe to EOF)
     # and the listening socket as fd 3; every other fd is close-on-exec.
     actions = [
@@ -125,10 +123,22 @@ def _spawn_daemon(flags: Flags, listener: socket.socket) -> int:
     )
 
 
+def _spawn_daemon(flags: Flags, listener: socket.socket) -> int:
+    """Fork the daemon when we run in a fork server's child (it has everything
+    imported), else spawn a fresh interpreter."""
+    args = _daemon_args(flags)
+    if forkserver.caller_pid:
+        pid = forkserver.fork_daemon(args, listener.fileno())
+    else:
+        pid = _spawn_direct(args, listener)
+    return pid
+
+
 def _adjust_oom_score(pid: int) -> None:
     """containerd's oom_score_adj + 1, so the kernel kills the shim before containerd."""
+    parent = forkserver.caller_ppid or os.getppid()  # containerd ran the shim binary
     try:
-        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+        with open(f"/proc/{parent}/oom_score_adj") as f:
             score = min(int(f.read().strip()) + 1, 1000)
         with open(f"/proc/{pid}/oom_score_adj", "w") as f:
             f.write(str(score))
@@ -160,7 +170,6 @@ def _create_sched_core_cookie() -> None:
     """SCHED_CORE: a core-scheduling cookie for our process group, which the daemon
     and through it every container process inherit (containerd's sched_core)."""
     import ctypes
-    import ctypes.util
 
     pr_sched_core, pr_sched_core_create, pidtype_pgid = 62, 1, 2
     from shimv2.libc import libc
@@ -196,12 +205,12 @@ def start(flags: Flags) -> int:
             if os.environ.get("SCHED_CORE"):
                 _create_sched_core_cookie()
             pid = _spawn_daemon(flags, listener)
+            _adjust_oom_score(pid)
             listener.close()
             if shim_cgroup:
                 from shimv2.cgroups import move_to_cgroup
 
                 move_to_cgroup(pid, shim_cgroup)
-            _adjust_oom_score(pid)
             bundlefiles.write_atomic(os.path.join(bundle, "shim.pid"), str(pid))
         bundlefiles.write_atomic(os.path.join(bundle, "address"), address)
     except Exception as exc:
@@ -261,8 +270,12 @@ def _remove_dead_socket(bundle: str) -> None:
 
 
 def delete(flags: Flags) -> int:
-    """Clean up after a shim that containerd can no longer reach; idempotent."""
-    from shimv2.api.containerd.task.v2 import shim_pb2
+    """Clean up after a shim that containerd can no longer reach; idempotent.
+
+    containerd runs this after every shim exit, on the path of ``ctr run --rm``
+    and of every pod teardown: it imports no protobuf, and skips runc when runc
+    holds no state for the container any more.
+    """
     from shimv2.mount import unmount_all
     from shimv2.runccmd import runc_delete_force_sync
 
@@ -274,29 +287,42 @@ def delete(flags: Flags) -> int:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # two concurrent deletes run one after the other
     try:
         options = bundlefiles.read_runc_options(bundle)
-        warning = runc_delete_force_sync(options, flags.namespace, bundle, flags.id)
-        if warning:
-            sys.stderr.write(warning + "\n")
+        if os.path.lexists(os.path.join(options.runc_root(flags.namespace), flags.id)):
+            warning = runc_delete_force_sync(options, flags.namespace, bundle, flags.id)
+            if warning:
+                sys.stderr.write(warning + "\n")
         try:
             unmount_all(os.path.join(bundle, "rootfs"))
         except OSError as exc:
             sys.stderr.write(f"{exc}\n")
         _remove_dead_socket(bundle)
         exit_info = bundlefiles.read_exit(bundle)
+        if exit_info is None:
+            # init.exit.json could not be written (full disk): the event journal may
+            # still hold the init's /tasks/exit (issue 5; see shimv2/journal.py).
+            from shimv2.journal import read_init_exit
+
+            exit_info = read_init_exit(bundle, flags.id)
         pid = bundlefiles.read_pid(os.path.join(bundle, "init.pid"))
     finally:
         if lock_fd >= 0:
             os.close(lock_fd)
-    response = shim_pb2.DeleteResponse(pid=max(pid, 0))
     if exit_info is not None:
-        response.exit_status = exit_info.status
-        response.exited_at.FromNanoseconds(exit_info.exited_at_ns)
+        status, exited_at_ns = exit_info.status, exit_info.exited_at_ns
     else:
-        response.exit_status = 128 + signal.SIGKILL
-        response.exited_at.FromNanoseconds(time.time_ns())
-    sys.stdout.buffer.write(response.SerializeToString())
+        status, exited_at_ns = 128 + signal.SIGKILL, time.time_ns()
+    sys.stdout.buffer.write(delete_response(max(pid, 0), status, exited_at_ns))
     sys.stdout.flush()
     return 0
+
+
+def delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
+    """``containerd.task.v2.DeleteResponse`` {pid=1, exit_status=2, exited_at=3},
+    encoded by hand as protobuf would (zero fields left out)."""
+    seconds, nanos = divmod(exited_at_ns, 1_000_000_000)
+    timestamp = protowire.encode([(n, v) for n, v in ((1, seconds), (2, nanos)) if v])
+    fields: list[tuple[int, int | bytes | str]] = [(1, pid), (2, exit_status)]
+    return protowire.encode([(n, v) for n, v in fields if v] + [(3, timestamp)])
 
 
 RUNTIME_NAME = "io.containerd.pyshim.v2"

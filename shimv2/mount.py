@@ -8,7 +8,6 @@ rest is the filesystem's data string, as containerd's mount package does.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import time

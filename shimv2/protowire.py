@@ -101,3 +101,8 @@ def signed32(value: int) -> int:
     if value >= 1 << 63:
         value -= 1 << 64
     return value
+
+
+def type_name(type_url: str) -> str:
+    """Compare type URLs on the part after the last '/' (tolerates a googleapis prefix)."""
+    return type_url.rsplit("/", 1)[-1]

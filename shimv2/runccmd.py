@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 from shimv2.options import ShimOptions
 
@@ -68,6 +67,8 @@ def runc_delete_force_sync(
         "--force",
         container_id,
     ]
+    import subprocess  # only here: ``delete`` usually finds no runc state to remove
+
     offset = log_size(log_path)
     try:
         result = subprocess.run(

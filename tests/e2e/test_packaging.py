@@ -148,7 +148,8 @@ def test_install_sh_layout(installed: Installed) -> None:
     (rel,) = installed.releases()
     assert rel.startswith(f"{VERSION}-")
     script = installed.prefix / "releases" / rel / "bin" / NAME
-    assert script.read_text().splitlines()[0] == f"#!{installed.prefix}/releases/{rel}/bin/python"
+    shebang = f"#!{installed.prefix}/releases/{rel}/bin/python -IS"  # the launcher
+    assert script.read_text().splitlines()[0] == shebang
     out = run([str(installed.link), "-v"])
     assert f"Version:  {VERSION}" in out
     # idempotent: a second run ends in the same shape (one release, same links)
@@ -269,7 +270,7 @@ def test_deb_extracted(deb: Path, tmp_path: Path) -> None:
     run(["dpkg-deb", "-x", str(deb), str(root)])
     rel = root / "opt/pyshim/releases" / VERSION
     script = rel / "bin" / NAME
-    assert script.read_text().splitlines()[0] == f"#!/opt/pyshim/releases/{VERSION}/bin/python"
+    assert script.read_text().splitlines()[0] == f"#!/opt/pyshim/releases/{VERSION}/bin/python -IS"
     assert os.readlink(rel / "bin/python3") == "/usr/bin/python3"
     # no trace of the build's staging dir anywhere (text files)
     stale = subprocess.run(

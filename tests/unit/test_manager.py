@@ -581,13 +581,17 @@ def run_delete(
     )
 
 
-def make_bundle(base: Path, root: Path | None = None) -> Path:
+def make_bundle(base: Path, root: Path | None = None, runc_state: bool = True) -> Path:
+    """A bundle for container t1 in namespace unitns; with ``root``, runc keeps
+    state for it there unless ``runc_state`` is False (delete skips runc then)."""
     bundle = base / "t1"
     bundle.mkdir()
     (bundle / "rootfs").mkdir()
     write_config(bundle)
     if root is not None:
         bundlefiles.write_runc_options(str(bundle), ShimOptions(root=str(root)))
+        if runc_state:
+            (root / "unitns" / "t1").mkdir(parents=True, exist_ok=True)
     return bundle
 
 
@@ -633,17 +637,36 @@ def test_delete_without_exit_record_reports_sigkill(tmp_path: Path, fake_runc_en
 def test_delete_uses_default_runc_root_without_options(tmp_path: Path, fake_runc_env: Path) -> None:
     bundle = make_bundle(tmp_path)
     namespace = "unit-" + uuid.uuid4().hex[:8]
-    result = run_delete(bundle, namespace=namespace)
+    state = Path(f"/run/containerd/runc/{namespace}/t1")
+    state.mkdir(parents=True)
+    try:
+        result = run_delete(bundle, namespace=namespace)
+    finally:
+        shutil.rmtree(state.parent)
     assert result.returncode == 0
     [entry] = read_records(fake_runc_env)
     assert entry["argv"][:2] == ["--root", f"/run/containerd/runc/{namespace}"]
-    assert not os.path.exists(f"/run/containerd/runc/{namespace}")
+
+
+def test_delete_skips_runc_without_runc_state(tmp_path: Path, fake_runc_env: Path) -> None:
+    """The usual case after a clean exit: nothing for runc to do, so it is not run."""
+    bundle = make_bundle(tmp_path, tmp_path / "runc-root", runc_state=False)
+    result = run_delete(bundle)
+    assert result.returncode == 0, result.stderr
+    assert read_records(fake_runc_env) == []
+
+
+def test_delete_response_matches_protobuf() -> None:
+    for pid, status, at in [(0, 0, 0), (12, 137, 1_763_790_000_123_456_789), (5, 0, 10**9)]:
+        expected = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
+        expected.exited_at.FromNanoseconds(at)
+        assert manager.delete_response(pid, status, at) == expected.SerializeToString()
 
 
 def test_delete_force_deletes_a_live_container(tmp_path: Path, fake_runc_env: Path) -> None:
     runc = install_fake_runc(tmp_path / "bin")
     root = tmp_path / "runc-root"
-    bundle = make_bundle(tmp_path, root)
+    bundle = make_bundle(tmp_path, root, runc_state=False)  # the fake runc creates it
     (bundle / "config.json").write_text(json.dumps({"process": {"args": ["sleep", "60"]}}))
     created = subprocess.run(
         [
@@ -737,6 +760,7 @@ def test_delete_without_runc_binary_still_answers(
         str(bundle),
         ShimOptions(binary_name=str(tmp_path / "no-runc"), root=str(tmp_path)),
     )
+    (tmp_path / "unitns" / "t1").mkdir(parents=True)  # runc state left: runc is needed
     result = run_delete(bundle)
     assert result.returncode == 0
     assert b"runc delete --force t1" in result.stderr
