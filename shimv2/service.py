@@ -809,6 +809,16 @@ class TaskService:
 
     async def connect(self, req: api.ConnectRequest, ctx: RequestContext) -> api.ConnectResponse:
         container = self.containers.get(req.id)
+        if container is None and not self.containers and not self._creating:
+            # An empty shim asked for a task: containerd died between `start` and
+            # Create (or between Delete and Shutdown) and is loading us after its
+            # restart. The Go shim answers pid 0 and containerd then keeps a task
+            # nothing can delete, and the shim, forever; "not found" makes it clean
+            # up (shim delete, bundle removed) and we go away.
+            log.warning("connect for %s, but this shim runs no container: shutting down", req.id)
+            self._shutdown_requested = True
+            self._shutdown_if_idle()
+            raise status.not_found("container not created")
         return api.ConnectResponse(
             shim_pid=os.getpid(), task_pid=container.init.pid if container else 0
         )

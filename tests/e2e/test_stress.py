@@ -49,13 +49,9 @@ KNOWN: dict[str, dict[str, str]] = {
         ),
         stress.INTERRUPTED_CREATE_LEFTOVER: INTERRUPTED_CREATE,
     },
-    PYSHIM: {
-        # TODO(issue 5a): pyshim should do better than the Go shim here, e.g. answer
-        # Connect for an id it never created with NOT_FOUND while it has no container
-        # (containerd 1.6 then cleans the bundle up without publishing events) and exit.
-        # Delete this entry once it does: the pyshim run must then be clean.
-        stress.INTERRUPTED_CREATE_LEFTOVER: INTERRUPTED_CREATE,
-    },
+    # pyshim: no known limitation, the run must be clean (an empty shim answers
+    # Connect with NOT_FOUND and exits, so containerd cleans up after an
+    # interrupted create).
 }
 
 
