@@ -30,7 +30,7 @@ import math
 import os
 import select
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -361,18 +361,7 @@ class Sink:
                 self._break(exc)
 
     async def _copy_from(self, src: int) -> None:
-        while True:
-            try:
-                data = os.read(src, _CHUNK)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(src)
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EIO:
-                    return
-                raise
-            if not data:
-                return
+        async for data in _chunks(src, _CHUNK):
             await self.write(data)
 
     async def _stalled(self, src: int) -> None:
@@ -437,9 +426,15 @@ class Sink:
 
 async def _discard(src: int) -> None:
     """Read ``src`` to EOF into nothing, so its writer never blocks."""
+    async for _ in _chunks(src, _SPLICE_CHUNK):
+        pass
+
+
+async def _chunks(src: int, size: int) -> AsyncIterator[bytes]:
+    """Non-blocking reads of ``src`` until EOF (or EIO: a pty whose slave is gone)."""
     while True:
         try:
-            data = os.read(src, _SPLICE_CHUNK)
+            data = os.read(src, size)
         except BlockingIOError:
             await trio.lowlevel.wait_readable(src)
             continue
@@ -449,3 +444,4 @@ async def _discard(src: int) -> None:
             raise
         if not data:
             return
+        yield data
