@@ -279,6 +279,10 @@ def serve(tag: str) -> int:
     gc.collect()
     gc.freeze()  # the collector never touches (so never copies) these pages again
     _log(f"serving {sock_path} (pid {os.getpid()}, idle timeout {idle:.0f}s)")
+    import signal
+
+    # SIGTERM (installers stopping an old release) cleans up like an idle exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         _accept_loop(listener, sock_path, bound, tag, idle)
     finally:
@@ -468,6 +472,9 @@ def _run_child(conn: _socket.socket, request: dict[str, object], fds: list[int])
     child = os.fork()
     if child != 0:
         return child  # reaped by the accept loop
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server's clean-up is not ours
     answered = False
     try:
         try:

@@ -244,3 +244,9 @@ def test_files_of_dead_servers_are_removed(server_dir: Path) -> None:
         assert s.sock.exists()
     finally:
         s.stop()
+
+
+def test_sigterm_cleans_up(server: Server) -> None:
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(10) == 0
+    assert not server.sock.exists() and not server.pidfile.exists()
