@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from shimv2 import bundle as bundlefiles
 from shimv2 import mount
 from shimv2.cgroups import CgroupV1, CgroupV2
 from shimv2.options import ShimOptions
@@ -95,6 +96,7 @@ class Container:
         self.execs_idle.set()
         self.mounted_rootfs = False
         self.own_pid_namespace = has_own_pid_namespace(read_linux_spec(bundle))
+        self.exit_file = bundlefiles.ExitFile(bundle)
         self.restore: RestoreOpts | None = None  # created from a checkpoint: restored at Start
         self.cgroup: CgroupV1 | CgroupV2 | None = None
         self.oom_kills_published = 0
@@ -159,6 +161,7 @@ class Container:
 
     def close(self) -> None:
         """Release stdio and stop background work; the container is gone."""
+        self.exit_file.close()
         for process in [self.init, *self.execs.values()]:
             if process.io is not None:
                 process.io.close()

@@ -229,7 +229,7 @@ class TaskService:
             # Persisted before anyone hears of it: `delete` after a dead shim reports it.
             record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)
             try:
-                await trio.to_thread.run_sync(bundlefiles.write_exit, container.bundle, record)
+                container.exit_file.write(record)
             except OSError as exc:
                 # A full or read-only bundle filesystem must not cost the exit: State,
                 # Wait and the event still report it (and the journal may hold it).
