@@ -534,7 +534,9 @@ def _adopt_context(request: dict[str, object]) -> None:
     if isinstance(limits, dict):
         for name, (soft, hard) in limits.items():
             if name in RLIMITS and hasattr(resource, name):
-                resource.setrlimit(getattr(resource, name), (int(soft), int(hard)))
+                which = getattr(resource, name)
+                if resource.getrlimit(which) != (int(soft), int(hard)):
+                    resource.setrlimit(which, (int(soft), int(hard)))
     os.umask(int(request.get("umask", 0o022)))  # type: ignore[call-overload]
     wanted = str(request.get("cgroup", ""))
     if wanted and wanted != _read("/proc/self/cgroup"):
