@@ -871,14 +871,19 @@ def _cgroup_mounts(mountinfo: str) -> list[tuple[str, str, set[str]]]:
     return out
 
 
-def join_cgroups(cgroup_file: str, pid: int = 0, mountinfo: str = "/proc/self/mountinfo") -> None:
+def join_cgroups(
+    cgroup_file: str,
+    pid: int = 0,
+    mountinfo: str = "/proc/self/mountinfo",
+    own_cgroup_file: str = "/proc/self/cgroup",
+) -> None:
     """Move ``pid`` (default: ourselves) into the cgroups another process's
     ``/proc/PID/cgroup`` text lists, hierarchy by hierarchy (the fork server's
     children take over the cgroups of the ``start`` that asked for them)."""
     pid = pid or os.getpid()
     mine = {
         line.split(":", 2)[1]: line.split(":", 2)[2]
-        for line in _read_required("/proc/self/cgroup").splitlines()
+        for line in _read_required(own_cgroup_file).splitlines()
         if line.count(":") >= 2
     }
     mounts = _cgroup_mounts(mountinfo)

@@ -47,7 +47,11 @@ def _listener(flags: Flags) -> socket.socket:
         os.chmod(flags.socket, 0o600)
         sock.listen(128)
         return sock
-    return socket.socket(fileno=LISTENER_FD)
+    sock = socket.socket(fileno=LISTENER_FD)
+    # Inherited as fd 3 on purpose, but runc and hooks must not get it: one that
+    # outlived us would keep the socket accepting for a dead shim.
+    sock.set_inheritable(False)
+    return sock
 
 
 def _socket_path(flags: Flags, listener: socket.socket) -> str:

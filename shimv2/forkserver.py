@@ -51,6 +51,8 @@ MAX_REQUEST = 1 << 20
 # The caller's stdin, stdout, stderr and working directory, in this order.
 PASSED_FDS = 4
 NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
+# /proc/PID/status fields that must match: a confined caller stays confined.
+CONFINEMENT = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
 # rlimits the child takes over from the caller (containerd's own limits).
 RLIMITS = (
     "RLIMIT_NOFILE",
@@ -68,6 +70,7 @@ RLIMITS = (
 )
 # Room in the server's own argv area for a daemon's command line (_set_cmdline).
 TITLE_ROOM = 2048
+LOG_LIMIT = 1 << 20
 
 #: Set in a child of the fork server: the pid of the process that asked and of
 #: its parent (containerd); ``start`` then forks its daemon instead of spawning it.
@@ -120,14 +123,14 @@ def paths(directory: str, tag: str) -> tuple[str, str, str, str]:
     return base + ".sock", base + ".lock", base + ".log", base + ".pid"
 
 
-def _namespaces() -> dict[str, int]:
+def _namespaces(proc: str = "/proc/self") -> dict[str, int]:
     found = {}
     for name in NAMESPACES:
         try:
-            found[name] = os.stat(f"/proc/self/ns/{name}").st_ino
-        except OSError:
-            pass
-    root = os.stat("/")
+            found[name] = os.stat(f"{proc}/ns/{name}").st_ino
+        except FileNotFoundError:
+            pass  # a kernel without that namespace type
+    root = os.stat(f"{proc}/root")
     found["root"] = root.st_dev << 32 | root.st_ino  # a chroot counts as a namespace
     return found
 
@@ -169,9 +172,6 @@ def run(argv: list[str], tag: str = "", timeout: float = 120.0) -> int:
                 if hasattr(resource, name)
             },
             "cgroup": _read("/proc/self/cgroup"),
-            "namespaces": _namespaces(),
-            "pid": os.getpid(),
-            "ppid": os.getppid(),
         }
         cwd_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fds = struct.pack("4i", 0, 1, 2, cwd_fd)
@@ -179,21 +179,30 @@ def run(argv: list[str], tag: str = "", timeout: float = 120.0) -> int:
             conn.sendmsg([marshal.dumps(request)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         except OSError as exc:
             raise Unavailable(f"fork server at {path} did not take the request: {exc}") from exc
-        try:
-            data = conn.recv(4096)
-        except TimeoutError as exc:
-            raise ForkServerError(f"fork server at {path}: no answer in {timeout:.0f}s") from exc
-        except OSError as exc:
-            raise ForkServerError(f"fork server at {path} failed: {exc}") from exc
+        started = False  # the server forked a child for us ("ack")
+        while True:
+            try:
+                data = conn.recv(4096)
+            except TimeoutError as exc:
+                late = f"fork server at {path}: no answer in {timeout:.0f}s"
+                raise ForkServerError(late) from exc
+            except OSError as exc:
+                data = b""  # reset: the server went away
+                if started:
+                    raise ForkServerError(f"fork server at {path} failed: {exc}") from exc
+            if data == b"ack":
+                started = True
+                continue
+            return _exit_status(data, path, started)
     finally:
         conn.close()
         if cwd_fd >= 0:
             os.close(cwd_fd)
-    return _exit_status(data, path)
 
 
-def _exit_status(data: bytes, path: str) -> int:
-    """The answer: b"exit N" after the command ran, b"refused WHY" when it did not."""
+def _exit_status(data: bytes, path: str, started: bool) -> int:
+    """b"exit N" after the command ran; b"refused WHY" when nothing ran; the end
+    of the connection means nothing ran only before the child's b"ack"."""
     if data.startswith(b"exit "):
         try:
             return int(data[5:])
@@ -201,8 +210,10 @@ def _exit_status(data: bytes, path: str) -> int:
             pass
     if data.startswith(b"refused "):
         raise Unavailable(f"fork server refused: {data[8:].decode(errors='replace')}")
-    if not data:  # it died before the fork: the command cannot have run
+    if not data and not started:  # the server died (or exited) before forking for us
         raise Unavailable(f"fork server at {path} closed the connection")
+    if not data:
+        raise ForkServerError(f"fork server at {path}: the command was cut short")
     raise ForkServerError(f"fork server at {path} answered {data[:100]!r}")
 
 
@@ -238,6 +249,7 @@ def _umask() -> int:
 # -- server ----------------------------------------------------------------------
 
 _log_fd = -1
+_server_fds: list[int] = []  # listener and lock: children close them at once
 
 
 class _Refused(Exception):
@@ -266,10 +278,13 @@ def serve(tag: str) -> int:
         return 0  # another server for this version runs already
     _remove_dead_servers(directory, lock_path)
     global _log_fd
-    _log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    _log_fd = os.open(
+        log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600
+    )
     os.dup2(_log_fd, 2)  # tracebacks of the server itself
     _preload()
     listener = _bind(sock_path)
+    _server_fds[:] = [listener.fileno(), lock_fd]
     bound = os.stat(sock_path).st_ino  # fstat of a socket names sockfs, not the path
     with open(pid_path, "w") as f:
         f.write(str(os.getpid()))
@@ -326,6 +341,8 @@ def _log(message: str) -> None:
     """To the server's log file (stderr until it is open)."""
     try:
         line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n"
+        if _log_fd >= 0 and os.fstat(_log_fd).st_size > LOG_LIMIT:
+            os.ftruncate(_log_fd, 0)  # it lives in /run, i.e. in memory
         os.write(_log_fd if _log_fd >= 0 else 2, line.encode())
     except OSError:
         pass
@@ -427,6 +444,7 @@ def _handle(conn: _socket.socket) -> None:
     try:
         try:
             request = _check_request(data, fds, msg_flags)
+            _check_peer(peer_pid, request)
         except _Refused as exc:
             _log(f"refused pid={peer_pid}: {exc}")
             conn.send(b"refused " + str(exc).encode())
@@ -449,8 +467,8 @@ def _check_request(data: bytes, fds: list[int], msg_flags: int) -> dict[str, obj
         raise _Refused("the working directory fd is not a directory")
     try:
         request = marshal.loads(data)  # from a root peer (checked above), never others
-    except (ValueError, EOFError, TypeError) as exc:
-        raise _Refused(f"bad request: {exc}") from exc
+    except (ValueError, EOFError, TypeError, MemoryError) as exc:
+        raise _Refused(f"bad request: {exc!r}") from exc
     if not isinstance(request, dict) or request.get("protocol") != PROTOCOL:
         raise _Refused("protocol mismatch")
     if not _strings(request.get("argv")) or not _strings(request.get("command")):
@@ -458,9 +476,34 @@ def _check_request(data: bytes, fds: list[int], msg_flags: int) -> dict[str, obj
     env = request.get("env")
     if not isinstance(env, dict) or not _strings(list(env) + list(env.values())):
         raise _Refused("bad environment")
-    if request.get("namespaces") != _namespaces():
-        raise _Refused("the caller runs in other namespaces")
     return request
+
+
+def _check_peer(pid: int, request: dict[str, object]) -> None:
+    """What the child takes over must be what the peer is: namespaces, root and
+    confinement are read from the kernel (SO_PEERCRED's pid), never from the
+    request. The peer waits for our answer, so its pid cannot be reused meanwhile."""
+    try:
+        theirs = _namespaces(f"/proc/{pid}")
+        status = _status_fields(f"/proc/{pid}/status")
+    except OSError as exc:
+        raise _Refused(f"cannot inspect the caller: {exc}") from exc
+    if theirs != _namespaces():
+        raise _Refused("the caller runs in other namespaces")
+    mine = _status_fields("/proc/self/status")
+    for field in CONFINEMENT:
+        if status.get(field) != mine.get(field):
+            raise _Refused(f"the caller is confined differently ({field})")
+    request["pid"] = pid
+    request["ppid"] = int(status.get("PPid", "0"))
+
+
+def _status_fields(path: str) -> dict[str, str]:
+    fields = {}
+    for line in _read(path).splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
 
 
 def _strings(value: object) -> bool:
@@ -469,17 +512,33 @@ def _strings(value: object) -> bool:
 
 def _run_child(conn: _socket.socket, request: dict[str, object], fds: list[int]) -> int:
     """Fork the child that takes over the caller's context and runs its command."""
-    child = os.fork()
-    if child != 0:
-        return child  # reaped by the accept loop
     import signal
 
+    # A SIGTERM between fork and the reset below would run the server's clean-up
+    # in the child (removing the live server's files): hold it until then.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    child = os.fork()
+    if child != 0:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        return child  # reaped by the accept loop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server's clean-up is not ours
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    for fd in (*_server_fds, _log_fd):
+        # A killed server's socket must stop accepting at once, and a new server
+        # must get the lock, even while this child runs a long delete.
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     answered = False
     try:
+        conn.send(b"ack")  # from here on the command may run: no fallback
+        argv = list(request["argv"])  # type: ignore[call-overload]
+        command = list(request["command"])  # type: ignore[call-overload]
+        _set_cmdline(" ".join([*command, *argv]))  # not "forkserver": `pkill -f` misses it
         try:
             _adopt_context(request)
-        except (OSError, ValueError, TypeError) as exc:
+        except Exception as exc:  # CgroupError included: refuse, the caller runs it
             conn.send(f"refused cannot take over the caller's context: {exc}".encode())
             answered = True
             return 0  # (never returns: the finally clause exits)
@@ -495,8 +554,6 @@ def _run_child(conn: _socket.socket, request: dict[str, object], fds: list[int])
         assert isinstance(env, dict)
         os.environ.clear()
         os.environ.update(env)
-        argv = list(request["argv"])  # type: ignore[call-overload]
-        command = list(request["command"])  # type: ignore[call-overload]
         sys.argv = [command[-1], *argv]
         from shimv2.cli import main
 
@@ -504,7 +561,7 @@ def _run_child(conn: _socket.socket, request: dict[str, object], fds: list[int])
         try:
             status = main(argv, local=True)
         except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else 1
+            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException:
             import traceback
 
@@ -557,7 +614,7 @@ def fork_daemon(args: list[str], listener_fd: int) -> int:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.dup2(listener_fd, 3)  # where the daemon expects its listener
-        os.closerange(4, _max_fd())
+        os.closerange(4, _max_fd())  # close_range(2): cheap up to any limit
         import random
 
         random.seed()
@@ -574,10 +631,11 @@ def fork_daemon(args: list[str], listener_fd: int) -> int:
 
 
 def _max_fd() -> int:
-    try:
-        return int(os.sysconf("SC_OPEN_MAX"))
-    except (OSError, ValueError):
-        return 1 << 16
+    """Above any fd we can hold: the hard limit (the soft one was adopted)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return hard if 0 < hard < 1 << 30 else 1 << 20
 
 
 def _set_cmdline(title: str) -> None:

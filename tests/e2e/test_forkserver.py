@@ -98,6 +98,10 @@ def test_first_start_launches_the_server_later_ones_fork_from_it(
     assert psutil.Process(forked).ppid() != server
     assert psutil.Process(forked).ppid() != c.pid
     assert _cgroups(forked) == _cgroups(c.pid or 0)
+    for shim in (direct, forked):
+        # fd 3, the listener, stays out of runc and hooks: close-on-exec
+        assert _fd_flags(shim, 3) & os.O_CLOEXEC, f"shim {shim} would leak its listener"
+        assert sorted(int(fd) for fd in os.listdir(f"/proc/{shim}/fd"))[:4] == [0, 1, 2, 3]
     with open(f"/proc/{c.pid}/oom_score_adj") as f:
         containerd_score = int(f.read())
     with open(f"/proc/{forked}/oom_score_adj") as f:
@@ -113,6 +117,8 @@ def test_first_start_launches_the_server_later_ones_fork_from_it(
 
 def test_shims_take_containerds_cgroup_not_the_servers(private: Private, rootfs: Path) -> None:
     """A server launched from another cgroup still puts each shim where containerd is."""
+    if not Path("/sys/fs/cgroup/pids/cgroup.procs").exists():
+        pytest.skip("needs the cgroup v1 pids hierarchy (join_cgroups on v2: unit tests)")
     name = f"pyshim-fs-{uuid.uuid4().hex[:8]}"
     elsewhere = Path("/sys/fs/cgroup/pids") / name
     elsewhere.mkdir()
@@ -177,6 +183,14 @@ def test_disabled_fork_server_is_never_launched(e2e_tools: None, rootfs: Path) -
         assert not p.fs_dir.exists()
     finally:
         p.close()
+
+
+def _fd_flags(pid: int, fd: int) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    raise AssertionError(f"no flags for fd {fd} of {pid}")
 
 
 def _cgroups(pid: int) -> dict[str, str]:

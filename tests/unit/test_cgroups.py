@@ -985,3 +985,40 @@ async def test_oom_v1_real() -> None:
         assert w.calls >= 1
     finally:
         await remove_cgroups([d])
+
+
+def test_join_cgroups_moves_into_each_hierarchy_that_differs(tmp_path: Path) -> None:
+    """What the fork server's child does with the caller's /proc/PID/cgroup: v1
+    hierarchies (co-mounted and named ones) and the cgroup2 one, with a mount
+    that is a subtree (as inside a container)."""
+    root = tmp_path / "cg"
+    for d in ("cpu,cpuacct/caller", "systemd/caller", "pids/same", "unified/caller"):
+        (root / d).mkdir(parents=True)
+        (root / d / "cgroup.procs").write_text("")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        f"30 23 0:28 / {root} rw - tmpfs tmpfs rw\n"
+        f"32 30 0:29 / {root}/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+        f"33 30 0:30 / {root}/systemd rw - cgroup cgroup rw,xattr,name=systemd\n"
+        f"34 30 0:31 / {root}/pids rw - cgroup cgroup rw,pids\n"
+        f"35 30 0:32 /sub {root}/unified rw - cgroup2 cgroup2 rw\n"
+    )
+    own = tmp_path / "own"
+    own.write_text("3:cpu,cpuacct:/\n2:name=systemd:/\n1:pids:/same\n0::/sub\n")
+    caller = "3:cpu,cpuacct:/caller\n2:name=systemd:/caller\n1:pids:/same\n0::/sub/caller\n"
+    cgroups.join_cgroups(caller, pid=4242, mountinfo=str(mountinfo), own_cgroup_file=str(own))
+    assert (root / "cpu,cpuacct/caller/cgroup.procs").read_text() == "4242"
+    assert (root / "systemd/caller/cgroup.procs").read_text() == "4242"
+    assert (root / "unified/caller/cgroup.procs").read_text() == "4242"  # mount root /sub
+    assert (root / "pids/same/cgroup.procs").read_text() == ""  # already there: untouched
+
+
+def test_join_cgroups_without_a_mount_for_a_hierarchy_fails(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("")
+    own = tmp_path / "own"
+    own.write_text("0::/\n")
+    with pytest.raises(cgroups.CgroupError, match="no mount"):
+        cgroups.join_cgroups(
+            "9:bogus:/x\n", pid=1, mountinfo=str(mountinfo), own_cgroup_file=str(own)
+        )

@@ -7,6 +7,7 @@ starts its own server under tmp_path and stops it by pid.
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,3 +252,75 @@ def test_sigterm_cleans_up(server: Server) -> None:
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(10) == 0
     assert not server.sock.exists() and not server.pidfile.exists()
+
+
+def _fake_server(directory: Path, answers: list[bytes]) -> tuple[socket.socket, threading.Thread]:
+    """A socket at the real server's path that takes one request and answers
+    ``answers``, then hangs up: a server dying at a chosen moment."""
+    directory.mkdir(mode=0o700)
+    path = forkserver.paths(str(directory), forkserver.version_tag())[0]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        _, fds, _, _ = socket.recv_fds(conn, forkserver.MAX_REQUEST, 8)
+        for fd in fds:  # the caller's stdout among them: holding it would keep it open
+            os.close(fd)
+        for answer in answers:
+            conn.send(answer)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_server_gone_before_forking_means_a_local_run(server_dir: Path, tmp_path: Path) -> None:
+    listener, thread = _fake_server(server_dir, [])  # hangs up without a word
+    try:
+        result = run_delete(make_bundle(tmp_path), _env(server_dir))
+    finally:
+        thread.join(10)
+        listener.close()
+    assert result.returncode == 0, result.stderr
+    assert shim_pb2.DeleteResponse.FromString(result.stdout).exit_status == 7
+
+
+def test_a_command_cut_short_is_not_run_twice(server_dir: Path, tmp_path: Path) -> None:
+    listener, thread = _fake_server(server_dir, [b"ack"])  # forked, then died
+    try:
+        result = run_delete(make_bundle(tmp_path), _env(server_dir))
+    finally:
+        thread.join(10)
+        listener.close()
+    assert (result.returncode, result.stdout) == (1, b"")
+    assert b"cut short" in result.stderr
+
+
+def test_a_context_it_cannot_take_over_is_refused_after_the_ack(
+    server: Server, tmp_path: Path
+) -> None:
+    """A cgroup the server cannot join (CgroupError) is a refusal, not "exit 1"."""
+    request = {
+        "protocol": forkserver.PROTOCOL,
+        "argv": ["-namespace", "x", "-id", "t1", "delete"],
+        "command": [BINARY],
+        "env": {},
+        "umask": 0o022,
+        "rlimits": {},
+        "cgroup": "99:bogus_controller:/nowhere\n",
+    }
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.settimeout(10)
+    conn.connect(str(server.sock))
+    cwd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        socket.send_fds(conn, [marshal.dumps(request)], [0, 1, 2, cwd])
+        assert conn.recv(100) == b"ack"
+        answer = conn.recv(1000)
+    finally:
+        os.close(cwd)
+        conn.close()
+    assert answer.startswith(b"refused cannot take over the caller's context"), answer
