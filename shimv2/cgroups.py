@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from shimv2.api.containerd.cgroups.v1 import metrics_pb2 as v1pb
@@ -169,22 +169,36 @@ def _unescape(field: str) -> str:
     return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _mounts(mountinfo: str) -> list[tuple[str, str]]:
-    """(mount point, fs type) of every line of a mountinfo file, in mount order."""
-    out: list[tuple[str, str]] = []
+class _MountEntry(NamedTuple):
+    point: str  # mount point
+    root: str  # the directory of the filesystem mounted there
+    fstype: str
+    options: str  # super options (for cgroup v1: the controllers)
+
+
+def _mount_entries(mountinfo: str) -> list[_MountEntry]:
+    """Every line of a mountinfo file, in mount order."""
+    out: list[_MountEntry] = []
     with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
-            # Optional fields (from the 7th on) end at "-"; the fs type follows it.
+            # Optional fields (from the 7th on) end at "-"; fs type, source and
+            # super options follow it.
             try:
                 sep = fields.index("-", 6)
             except ValueError:
                 continue
             if sep + 1 >= len(fields):
                 continue
-            point = _unescape(fields[4])
-            out.append((os.path.normpath(point), fields[sep + 1]))
+            options = fields[sep + 3] if sep + 3 < len(fields) else ""
+            point = os.path.normpath(_unescape(fields[4]))
+            out.append(_MountEntry(point, _unescape(fields[3]), fields[sep + 1], options))
     return out
+
+
+def _mounts(mountinfo: str) -> list[tuple[str, str]]:
+    """(mount point, fs type) of every line of a mountinfo file, in mount order."""
+    return [(m.point, m.fstype) for m in _mount_entries(mountinfo)]
 
 
 def _fstype(path: str, mounts: list[tuple[str, str]]) -> str | None:
@@ -855,20 +869,11 @@ def move_to_cgroup(
 def _cgroup_mounts(mountinfo: str) -> list[tuple[str, str, set[str]]]:
     """(mount point, root inside the hierarchy, names) of every cgroup mount; names
     are the v1 controllers / ``name=...`` of the mount, or {""} for cgroup2."""
-    out: list[tuple[str, str, set[str]]] = []
-    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            try:
-                sep = fields.index("-", 6)
-                fstype, options = fields[sep + 1], fields[sep + 3]
-            except (ValueError, IndexError):
-                continue
-            if fstype not in ("cgroup", "cgroup2"):
-                continue
-            names = {""} if fstype == "cgroup2" else set(options.split(","))
-            out.append((os.path.normpath(_unescape(fields[4])), _unescape(fields[3]), names))
-    return out
+    return [
+        (m.point, m.root, {""} if m.fstype == "cgroup2" else set(m.options.split(",")))
+        for m in _mount_entries(mountinfo)
+        if m.fstype in ("cgroup", "cgroup2")
+    ]
 
 
 def join_cgroups(

@@ -21,20 +21,11 @@ from shimv2.tasks import GuardedNursery
 log = logging.getLogger(__name__)
 
 
-def read_linux_spec(bundle: str) -> dict[str, Any]:
-    """The ``linux`` section of the bundle's config.json ({} if unreadable)."""
-    try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
-            linux = json.load(f).get("linux")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return linux if isinstance(linux, dict) else {}
-
-
-def check_spec(bundle: str) -> None:
-    """Raise ValueError unless the bundle's config.json can describe a container:
-    a JSON object whose ``process`` has non-empty ``args`` (runc refuses anything
-    less, but only with UNKNOWN and without naming the file)."""
+def check_spec(bundle: str) -> dict[str, Any]:
+    """The ``linux`` section of the bundle's config.json ({} without one), read once
+    per Create. Raise ValueError unless the file can describe a container: a JSON
+    object whose ``process`` has non-empty ``args`` (runc refuses anything less,
+    but only with UNKNOWN and without naming the file)."""
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
             spec = json.load(f)
@@ -50,6 +41,8 @@ def check_spec(bundle: str) -> None:
     args = process.get("args")
     if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
         raise ValueError("process.args must be a non-empty list of strings")
+    linux = spec.get("linux")
+    return linux if isinstance(linux, dict) else {}
 
 
 def has_own_pid_namespace(linux: dict[str, Any]) -> bool:
@@ -81,6 +74,7 @@ class Container:
         options: ShimOptions,
         runc: Runc,
         init: Process,
+        linux: dict[str, Any],
     ) -> None:
         self.id = container_id
         self.bundle = bundle
@@ -95,7 +89,7 @@ class Container:
         self.execs_idle = trio.Event()
         self.execs_idle.set()
         self.mounted_rootfs = False
-        self.own_pid_namespace = has_own_pid_namespace(read_linux_spec(bundle))
+        self.own_pid_namespace = has_own_pid_namespace(linux)
         self.exit_file = bundlefiles.ExitFile(bundle)
         self.restore: RestoreOpts | None = None  # created from a checkpoint: restored at Start
         self.cgroup: CgroupV1 | CgroupV2 | None = None

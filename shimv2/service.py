@@ -33,7 +33,7 @@ from shimv2.api.containerd.runc.options import oci_pb2
 from shimv2.api.containerd.task.v2 import shim_pb2 as api
 from shimv2.api.containerd.types.task import task_pb2 as tasktypes
 from shimv2.console import ConsoleIO
-from shimv2.container import Container, check_spec, read_linux_spec, wants_systemd_cgroup
+from shimv2.container import Container, check_spec, wants_systemd_cgroup
 from shimv2.events import Publisher, pack
 from shimv2.mount import Mount
 from shimv2.process import Process, Status, kill_error
@@ -298,12 +298,12 @@ class TaskService:
         self._creating.add(req.id)
         try:
             try:
-                await trio.to_thread.run_sync(check_spec, req.bundle)
+                linux = await trio.to_thread.run_sync(check_spec, req.bundle)
             except ValueError as exc:
                 raise status.invalid_argument(
                     f"invalid config.json in {req.bundle}: {exc}"
                 ) from None
-            container, subscriber = await self._create(req)
+            container, subscriber = await self._create(req, linux)
         finally:
             self._creating.discard(req.id)
         init = container.init
@@ -325,12 +325,14 @@ class TaskService:
         self._handle_started(container, init, subscriber)
         return api.CreateTaskResponse(pid=init.pid)
 
-    async def _create(self, req: api.CreateTaskRequest) -> tuple[Container, ExitSubscriber]:
+    async def _create(
+        self, req: api.CreateTaskRequest, linux: dict[str, Any]
+    ) -> tuple[Container, ExitSubscriber]:
         try:
             opts = shimoptions.from_any(req.options.type_url, req.options.value)
         except ValueError as exc:
             raise status.invalid_argument(str(exc)) from exc
-        if wants_systemd_cgroup(read_linux_spec(req.bundle)):
+        if wants_systemd_cgroup(linux):
             opts.systemd_cgroup = True
         try:
             await trio.to_thread.run_sync(bundlefiles.write_runc_options, req.bundle, opts)
@@ -346,7 +348,7 @@ class TaskService:
         stdio = StdioSpec(req.stdin, req.stdout, req.stderr, req.terminal)
         init = Process(req.id, "", stdio)
         runc = Runc(self._reaper, opts, self.namespace, req.bundle)
-        container = Container(req.id, req.bundle, self.namespace, opts, runc, init)
+        container = Container(req.id, req.bundle, self.namespace, opts, runc, init, linux)
         mounts = [Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
         try:
             await trio.to_thread.run_sync(container.mount_rootfs, mounts)

@@ -38,7 +38,14 @@ def test_check_spec_refuses(tmp_path: Path, content: bytes) -> None:
 
 def test_check_spec_accepts_a_minimal_spec(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"process": {"args": ["sh"]}}))
-    check_spec(str(tmp_path))
+    assert check_spec(str(tmp_path)) == {}  # no linux section
+
+
+def test_check_spec_returns_the_linux_section(tmp_path: Path) -> None:
+    linux = {"namespaces": [{"type": "pid"}], "cgroupsPath": "system.slice:cri:x"}
+    spec = {"process": {"args": ["sh"]}, "linux": linux}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    assert check_spec(str(tmp_path)) == linux
 
 
 async def _invalid_config(shim: Shim) -> None:
