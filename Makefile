@@ -21,10 +21,12 @@ deps:
 
 venv: $(STAMP)
 
-# re-installs when the project metadata changes; the editable install puts the
-# console script containerd-shim-pyshim-v2 into $(VENV)/bin, which the e2e
-# harness and the demo put first on containerd's PATH
-$(STAMP): pyproject.toml
+# re-installs when the project metadata changes; shimv2.launcher then replaces
+# pip's console script $(VENV)/bin/containerd-shim-pyshim-v2 (which the e2e
+# harness and the demo put first on containerd's PATH) with the native launcher
+# (and the Python one next to it, .py). The tests and the private containerd of
+# shimv2.devtools rebuild it when the sources changed since.
+$(STAMP): pyproject.toml shimv2/launcher.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -I -m shimv2.launcher $(VENV)/bin/containerd-shim-pyshim-v2

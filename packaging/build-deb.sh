@@ -55,15 +55,24 @@ DEST=$STAGE$REL
 echo "build-deb.sh: building venv for $REL with $PYTHON ($PYMINOR)"
 "$PYTHON" -m venv "$DEST"
 "$DEST/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --no-compile "$SRC"
-# containerd runs the binary for every start and delete: the launcher skips site (-I -S)
+# containerd runs the binary for every start and delete: the native launcher
+# (shimv2/launcher.c; needs cc here, not on the target) or else the Python one
+# (-I -S). The native one names no path: it runs <its real path>.py, and the
+# fork server version compiled in has no paths either, so it survives relocation.
 "$DEST/bin/python" -I -m shimv2.launcher "$DEST/bin/$NAME"
+SCRIPT=$DEST/bin/$NAME
+if [ -f "$SCRIPT.py" ]; then
+    SCRIPT=$SCRIPT.py
+else
+    echo "build-deb.sh: warning: no C compiler, the package gets the slower Python launcher" >&2
+fi
 # the runtime needs neither pip nor setuptools
 "$DEST/bin/python" -m pip uninstall --quiet --yes pip setuptools >/dev/null 2>&1 || true
 rm -rf "$DEST/bin/pip" "$DEST/bin/pip3" "$DEST/bin/pip$PYMINOR"
 # relocate: shebangs, activate scripts and pyvenv.cfg name the staging dir
 grep -rlI --null -F -- "$STAGE" "$DEST" | xargs -0 -r sed -i "s|$STAGE||g"
 if grep -rlI -F -- "$STAGE" "$DEST"; then die "staging path left in the files above"; fi
-head -1 "$DEST/bin/$NAME" | grep -qx "#!$REL/bin/python -IS" || die "unexpected shebang in bin/$NAME"
+head -1 "$SCRIPT" | grep -qx "#!$REL/bin/python -IS" || die "unexpected shebang in $SCRIPT"
 # byte-compile with the final paths so Python never writes into /opt at run time
 "$PYTHON" -m compileall -q -j0 -s "$STAGE" -p / "$DEST/lib" >/dev/null
 find "$STAGE" -name '*.pyc' -path "*__pycache__*" | head -1 | grep -q . || die "compileall produced nothing"

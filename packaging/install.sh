@@ -155,7 +155,8 @@ trap 'rm -rf "$DEST"' EXIT
 say "building venv $DEST with $PYTHON"
 "$PYTHON" -m venv "$DEST"
 "$DEST/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "$SRC"
-# containerd runs the binary for every start and delete: the launcher skips site (-I -S)
+# containerd runs the binary for every start and delete: the native launcher when
+# cc is found (CC=..., PYSHIM_NATIVE_LAUNCHER=0 to skip), else the Python one (-I -S)
 "$DEST/bin/python" -I -m shimv2.launcher "$DEST/bin/$NAME"
 "$DEST/bin/$NAME" -v >/dev/null || die "the installed $NAME does not run"
 trap - EXIT

@@ -4,6 +4,7 @@
 # Idempotent: apt is only touched when something is missing.
 #   containerd, ctr, runc, busybox  -> apt-get install containerd runc busybox-static
 #   python3 -m venv does not work   -> apt-get install python3 python3-venv
+#   cc (native launcher)            -> apt-get install gcc libc6-dev
 # Runs non-interactively (fine with CI=true and no stdin). Needs root, or sudo.
 set -euo pipefail
 
@@ -35,6 +36,11 @@ venv_ok() {
 if ! venv_ok; then
     log "python3 -m venv does not work"
     need_pkgs+=(python3 python3-venv)
+fi
+# The native launcher (shimv2/launcher.c) is compiled when the venv is built.
+if ! command -v cc >/dev/null 2>&1 || [ ! -f /usr/include/stdio.h ]; then
+    log "no C compiler (for the native launcher)"
+    need_pkgs+=(gcc libc6-dev)
 fi
 # packaging/ builds its venvs from Debian's own python3 (the .deb's target).
 if ! /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then

@@ -103,10 +103,14 @@ def _in_fork_server(args: list[str], action: str) -> int | None:
     """The command's exit status from the fork server, or None: run it here."""
     from shimv2 import forkserver
 
+    # Set by the native launcher, for us only: not for runc or the daemon.
+    tried = os.environ.pop(forkserver.TRIED_ENV, "")
     if not forkserver.enabled(os.environ):
         return None
     tag = forkserver.version_tag()
     try:
+        if tried == tag:
+            raise forkserver.Unavailable("the native launcher asked this server already")
         return forkserver.run(args, tag)
     except forkserver.Unavailable:
         if action == "start":
@@ -127,7 +131,7 @@ def self_command() -> list[str]:
 
 def version_text(argv0: str) -> str:
     return (
-        f"{os.path.basename(argv0) or BINARY_NAME}:\n"
+        f"{os.path.basename(argv0).removesuffix('.py') or BINARY_NAME}:\n"
         f"  Version:  {__version__}\n"
         f"  Python version: {sys.version.split()[0]}\n"
     )

@@ -1,19 +1,21 @@
 """A per-node fork server: ``start``, ``delete`` and the daemon without Python's
 start-up cost.
 
-containerd runs the shim binary for every ``start`` and every ``delete``, and a
-fresh interpreter needs ~130 ms and ~20 MiB of private memory to import trio,
-protobuf and the shim before a daemon can serve. The fork server pays that
-once: it imports everything, ``gc.freeze()``s the heap and waits on a
-root-only socket. The binary (run by the launcher with ``python -I -S``, see
-shimv2.launcher) then only imports this module's client half: it sends its
-command line, environment and stdin/stdout/stderr/working directory over
-SCM_RIGHTS; the server forks a child that adopts the caller's session, cgroups,
-rlimits and umask, runs the very same ``cli.main`` the caller would have run,
-and answers with its exit status. A daemon that ``start`` needs is forked from
-that warm child (no exec, no imports) and shares the frozen pages
-copy-on-write with its siblings; the child exits, so the daemon is re-parented
-to init exactly like a directly started one.
+containerd runs the shim binary for every ``start`` and (1.6/1.7) every task
+``delete``, and a fresh interpreter needs ~130 ms and ~20 MiB of private memory
+to import trio, protobuf and the shim before a daemon can serve. The fork
+server pays that once: it imports everything, ``gc.freeze()``s the heap and
+keeps one child forked ahead ("spare") waiting on a root-only socket. The
+binary (a small C program, shimv2/launcher.c, or where no compiler was found
+the Python launcher: see shimv2.launcher) sends its command line and
+environment, and its stdin/stdout/stderr/working directory over SCM_RIGHTS.
+The spare takes the connection (the server forks the next one), adopts the
+caller's session, cgroups, rlimits and umask (read from the kernel, /proc/PID
+of the peer), runs the very same ``cli.main`` the caller would have run, and
+answers with its exit status. After a ``start`` it then becomes that shim's
+daemon itself: no fork, no exec, no imports, the frozen pages shared
+copy-on-write with its siblings. Its parent is the server (which reaps it)
+instead of init; nothing else tells it from a daemon started directly.
 
 Rules that keep it safe:
 
@@ -23,8 +25,9 @@ Rules that keep it safe:
   ``PYSHIM_FORKSERVER=0`` turns it off.
 - One version per server: the socket is named after a digest of the
   interpreter and every source file of this package, so a new pyshim (or an
-  edited checkout) never runs in an old server; a server whose files changed,
-  or that stayed idle, exits by itself.
+  edited checkout) never runs in an old server. A server checks its files
+  before every fork: once one changed it refuses and exits (the native
+  launcher's tag is fixed when it is built, see launcher.c); idle, it exits too.
 - Root-only: the directory is 0700, the socket 0600, and a peer whose uid is
   not ours is refused.
 - The child must be what a direct run would be. What it cannot take over
@@ -35,7 +38,6 @@ Rules that keep it safe:
 from __future__ import annotations
 
 import _socket
-import marshal
 import os
 import struct
 import sys
@@ -44,16 +46,20 @@ import time
 DEFAULT_DIR = "/run/pyshim"
 DIR_ENV = "PYSHIM_FORKSERVER_DIR"
 ENABLE_ENV = "PYSHIM_FORKSERVER"  # "0" / "off" / "false": never use a fork server
+TRIED_ENV = "PYSHIM_FORKSERVER_TRIED"  # the native launcher asked the server of this tag
 IDLE_ENV = "PYSHIM_FORKSERVER_IDLE"  # seconds without a request before it exits
 DEFAULT_IDLE = 600.0
-PROTOCOL = 2
+PROTOCOL = 3
+# A request: MAGIC, argc, argv[1:], then the environment ("K=V"), each NUL-ended.
+MAGIC = b"pyshim-forkserver 3"
 MAX_REQUEST = 1 << 20
 # The caller's stdin, stdout, stderr and working directory, in this order.
 PASSED_FDS = 4
 NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
 # /proc/PID/status fields that must match: a confined caller stays confined.
 CONFINEMENT = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
-# rlimits the child takes over from the caller (containerd's own limits).
+# rlimits the child takes over from the caller (containerd's own limits, read
+# with prlimit(2) from the peer).
 RLIMITS = (
     "RLIMIT_NOFILE",
     "RLIMIT_NPROC",
@@ -73,9 +79,10 @@ TITLE_ROOM = 2048
 LOG_LIMIT = 1 << 20
 
 #: Set in a child of the fork server: the pid of the process that asked and of
-#: its parent (containerd); ``start`` then forks its daemon instead of spawning it.
+#: its parent (containerd); ``start`` then becomes its daemon instead of spawning it.
 caller_pid = 0
 caller_ppid = 0
+_pending_daemon: tuple[list[str], int] | None = None  # become_daemon's args, listener
 
 
 class Unavailable(Exception):
@@ -102,19 +109,50 @@ def _sha256() -> type:
     return sha256  # type: ignore[no-any-return]
 
 
-def version_tag(package: str = "") -> str:
-    """Digest of the interpreter and of every source file of this package (path,
-    size, mtime): any upgrade or edit gives a new server."""
-    digest = _sha256()(f"{PROTOCOL}\0{os.path.realpath(sys.executable)}\0{sys.version}".encode())
+def source_files(package: str = "") -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of every source file of this package."""
     package = package or os.path.dirname(os.path.realpath(__file__))
+    found = []
     for root, dirs, files in os.walk(package):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
-            if name.endswith((".py", ".so")):
+            if name.endswith((".py", ".so", ".c")):
                 path = os.path.join(root, name)
                 st = os.stat(path)
-                digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+                found.append((path, st.st_size, st.st_mtime_ns))
+    return found
+
+
+def version_tag(package: str = "") -> str:
+    """Digest of the interpreter and of every source file of this package (path
+    inside the package, size, mtime): any upgrade or edit gives a new server. No
+    absolute paths and mtimes in whole seconds: a package built in a staging
+    directory (build-deb.sh) keeps, once installed, the tag its native launcher
+    was built with. (An edit the tag misses, within the second, the server's own
+    check before every fork does not.)"""
+    package = package or os.path.dirname(os.path.realpath(__file__))
+    return _digest(package, source_files(package))
+
+
+def _digest(package: str, files: list[tuple[str, int, int]]) -> str:
+    digest = _sha256()(f"{PROTOCOL}\0{os.path.realpath(sys.executable)}\0{sys.version}".encode())
+    for path, size, mtime in files:
+        # whole seconds: what a package (tar) keeps; _unchanged compares nanoseconds
+        seconds = mtime // 1_000_000_000
+        digest.update(f"{os.path.relpath(path, package)}\0{size}\0{seconds}\0".encode())
     return str(digest.hexdigest()[:20])
+
+
+def _unchanged(files: list[tuple[str, int, int]]) -> bool:
+    """None of ``files`` changed (~70 us: cheap enough for every request)."""
+    try:
+        for path, size, mtime in files:
+            st = os.stat(path)
+            if st.st_size != size or st.st_mtime_ns != mtime:
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def paths(directory: str, tag: str) -> tuple[str, str, str, str]:
@@ -156,27 +194,12 @@ def run(argv: list[str], tag: str = "", timeout: float = 120.0) -> int:
             conn.connect(path)
         except OSError as exc:
             raise Unavailable(f"no fork server at {path}: {exc}") from exc
-        import resource
-
-        from shimv2.cli import self_command
-
-        request = {
-            "protocol": PROTOCOL,
-            "argv": argv,
-            "command": self_command(),
-            "env": dict(environ),
-            "umask": _umask(),
-            "rlimits": {
-                name: resource.getrlimit(getattr(resource, name))
-                for name in RLIMITS
-                if hasattr(resource, name)
-            },
-            "cgroup": _read("/proc/self/cgroup"),
-        }
         cwd_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fds = struct.pack("4i", 0, 1, 2, cwd_fd)
         try:
-            conn.sendmsg([marshal.dumps(request)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+            conn.sendmsg(
+                [encode_request(argv, os.environb)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)]
+            )
         except OSError as exc:
             raise Unavailable(f"fork server at {path} did not take the request: {exc}") from exc
         started = False  # the server forked a child for us ("ack")
@@ -198,6 +221,13 @@ def run(argv: list[str], tag: str = "", timeout: float = 120.0) -> int:
         conn.close()
         if cwd_fd >= 0:
             os.close(cwd_fd)
+
+
+def encode_request(argv: list[str], environb: dict[bytes, bytes] | os._Environ[bytes]) -> bytes:
+    """What launcher.c sends: MAGIC, argc, argv, the environment, each NUL-ended."""
+    fields = [MAGIC, str(len(argv)).encode(), *map(os.fsencode, argv)]
+    fields += [key + b"=" + value for key, value in environb.items()]
+    return b"\0".join(fields) + b"\0"
 
 
 def _exit_status(data: bytes, path: str, started: bool) -> int:
@@ -240,16 +270,17 @@ def launch(tag: str = "") -> None:
     # When we exit, the server is re-parented to init.
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 # -- server ----------------------------------------------------------------------
 
 _log_fd = -1
-_server_fds: list[int] = []  # listener and lock: children close them at once
+_server_fds: list[int] = []  # listener, lock and notify pipe: a child closes them at once
+_files: list[tuple[str, int, int]] = []  # the source files this server runs
+# What a caller must share with the server (see _check_peer), read once.
+_own_namespaces: dict[str, int] = {}
+_own_status: dict[str, str] = {}
+PR_SET_PDEATHSIG = 1
+# A spare child tells the server: it took a connection, or found the files changed.
+TOOK, OUT_OF_DATE = b"t", b"o"
 
 
 class _Refused(Exception):
@@ -264,7 +295,9 @@ def serve(tag: str) -> int:
 
     directory = server_dir(os.environ)
     sock_path, lock_path, log_path, pid_path = paths(directory, tag)
-    if tag != version_tag():
+    package = os.path.dirname(os.path.realpath(__file__))
+    _files[:] = source_files(package)  # before the imports: a later edit shows
+    if tag != _digest(package, _files):
         return 1  # the files changed between the launch and now
     os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.lstat(directory)
@@ -283,31 +316,40 @@ def serve(tag: str) -> int:
     )
     os.dup2(_log_fd, 2)  # tracebacks of the server itself
     _preload()
-    listener = _bind(sock_path)
-    _server_fds[:] = [listener.fileno(), lock_fd]
-    bound = os.stat(sock_path).st_ino  # fstat of a socket names sockfs, not the path
     with open(pid_path, "w") as f:
         f.write(str(os.getpid()))
     idle = float(os.environ.get(IDLE_ENV) or DEFAULT_IDLE)
     # with the release's path, so that installers find (and stop) an old one
     _set_cmdline(f"{os.path.realpath(sys.argv[0])} forkserver {tag}")
+    _own_namespaces.update(_namespaces())
+    _own_status.update(_status_fields("/proc/self/status"))
     gc.collect()
     gc.freeze()  # the collector never touches (so never copies) these pages again
-    _log(f"serving {sock_path} (pid {os.getpid()}, idle timeout {idle:.0f}s)")
     import signal
 
-    # SIGTERM (installers stopping an old release) cleans up like an idle exit.
+    # SIGTERM (installers stopping an old release) cleans up like an idle exit;
+    # set before the socket appears, so that a stop never meets a half-started server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    bound = -1
+    listener = None
     try:
-        _accept_loop(listener, sock_path, bound, tag, idle)
+        listener = _bind(sock_path)
+        bound = os.stat(sock_path).st_ino  # fstat of a socket names sockfs, not the path
+        _log(f"serving {sock_path} (pid {os.getpid()}, idle timeout {idle:.0f}s)")
+        _supervise_spares(listener, lock_fd, sock_path, bound, idle)
     finally:
         try:
-            if os.stat(sock_path).st_ino == bound:
-                for path in (sock_path, pid_path, log_path, lock_path):
-                    os.unlink(path)
+            found = os.stat(sock_path).st_ino
         except OSError:
-            pass
-        listener.close()
+            found = bound = -1  # never bound, or removed: nothing to tell ours apart
+        if found == bound:  # unless another server replaced our socket, the files are ours
+            for path in (sock_path, pid_path, log_path, lock_path):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        if listener is not None:
+            listener.close()
     return 0
 
 
@@ -350,6 +392,9 @@ def _log(message: str) -> None:
 
 def _preload() -> None:
     """Everything the commands and the daemon import, also lazily."""
+    import resource  # noqa: F401  (fork_daemon's _max_fd, _check_peer)
+    import select  # noqa: F401
+
     import trio
 
     import shimv2.cgroups
@@ -382,58 +427,123 @@ def _bind(path: str) -> _socket.socket:
     return listener
 
 
-def _accept_loop(listener: _socket.socket, path: str, inode: int, tag: str, idle: float) -> None:
-    listener.settimeout(min(5.0, idle))
+def _supervise_spares(
+    listener: _socket.socket, lock_fd: int, path: str, inode: int, idle: float
+) -> None:
+    """Keep one child forked ahead of time, blocked in accept(): a request never
+    waits for a fork (~1-2 ms, most of it the child's first run copying the pages
+    it touches). The spare tells us when it took a connection; we fork the next.
+    SIGCHLD wakes us too (signal.set_wakeup_fd): finished commands are reaped at
+    once, and a spare that died (killed) is replaced at once."""
+    import select
+    import signal
+
+    notify_r, notify_w = os.pipe()
+    os.set_blocking(notify_w, False)  # set_wakeup_fd wants it; spares write one byte
+    _server_fds[:] = [listener.fileno(), lock_fd, notify_r, notify_w]
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that it wakes us
+    signal.set_wakeup_fd(notify_w)
+    spare = _fork_spare(listener, notify_w)
     last_request = time.monotonic()
     while True:
-        _reap()
-        try:
-            fd, _ = listener._accept()  # type: ignore[attr-defined]  # the C socket: a bare fd
-        except TimeoutError:
-            if time.monotonic() - last_request >= idle:
-                _log("idle: exiting")
-                return
-            if not _still_current(path, inode, tag):
-                _log("out of date or replaced: exiting")
-                return
-            continue
-        last_request = time.monotonic()
-        conn = _socket.socket(fileno=fd)
-        try:
-            _handle(conn)
-        except Exception as exc:  # one bad request never takes the server down
-            _log(f"request failed: {exc!r}")
-        finally:
-            conn.close()
+        ready, _, _ = select.select([notify_r], [], [], min(5.0, idle))
+        news = os.read(notify_r, 4096) if ready else b""
+        if OUT_OF_DATE in news:
+            _log("source files changed: exiting")
+            return
+        if TOOK in news:
+            last_request = time.monotonic()
+            spare = _fork_spare(listener, notify_w)
+        elif not ready and time.monotonic() - last_request >= idle:
+            _log("idle: exiting")
+            return  # the spare dies with us (PR_SET_PDEATHSIG)
+        elif not ready and not _still_current(path, inode):
+            _log("out of date or replaced: exiting")
+            return
+        if spare in _reap():  # killed (or crashed) while waiting
+            _log(f"spare child {spare} died: forking another")
+            spare = _fork_spare(listener, notify_w)
 
 
-def _reap() -> None:
+def _reap() -> set[int]:
     """Collect finished children (each lives as long as one command)."""
+    reaped: set[int] = set()
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.add(pid)
 
 
-def _still_current(path: str, inode: int, tag: str) -> bool:
+def _still_current(path: str, inode: int) -> bool:
     """Our socket is still the one at ``path`` and our files did not change."""
     try:
-        if os.stat(path).st_ino != inode:
-            return False
-        return version_tag() == tag
+        return os.stat(path).st_ino == inode and _unchanged(_files)
     except OSError:
         return False
 
 
-def _handle(conn: _socket.socket) -> None:
+def _fork_spare(listener: _socket.socket, notify_w: int) -> int:
+    """Fork a child that waits for the next connection and serves it."""
+    import signal
+
+    server = os.getpid()
+    # A SIGTERM between fork and the reset below would run the server's clean-up
+    # in the child (removing the live server's files): hold it until then.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    child = os.fork()
+    if child != 0:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        return child  # reaped by _supervise_spares
+    status = 1
+    try:
+        status = _spare(listener, notify_w, server)
+    except BaseException as exc:  # never back into the server's loop
+        _log(f"request failed: {exc!r}")
+    finally:
+        os._exit(status)
+
+
+def _spare(listener: _socket.socket, notify_w: int, server: int) -> int:
+    """A spare child: wait for a connection, tell the server, serve it."""
+    import signal
+
+    from shimv2.libc import libc
+
+    signal.set_wakeup_fd(-1)  # the server's: its SIGCHLDs, not ours
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server's clean-up is not ours
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    # Waiting, we die with the server (it may be stopped, idle, or killed).
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != server:
+        return 0
+    fd, _ = listener._accept()  # type: ignore[attr-defined]  # the C socket: a bare fd
+    # Serving, we outlive it: a stopped server never cuts a command short.
+    libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
+    conn = _socket.socket(fileno=fd)
+    fresh = _unchanged(_files)
+    os.write(notify_w, TOOK if fresh else OUT_OF_DATE)
+    for server_fd in _server_fds:
+        # A killed server's socket must stop accepting at once, and a new server
+        # must get the lock, even while this child runs a long delete.
+        try:
+            os.close(server_fd)
+        except OSError:
+            pass
+    return _serve_connection(conn, fresh)
+
+
+def _serve_connection(conn: _socket.socket, fresh: bool) -> int:
+    """In a spare child: check the caller and its request, then run the command."""
     creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
     peer_pid, peer_uid, _ = struct.unpack("3i", creds)
     if peer_uid != os.geteuid():
         _log(f"refusing peer pid={peer_pid} uid={peer_uid}")
-        return
+        return 0
     conn.settimeout(5.0)
     data, ancillary, msg_flags, _ = conn.recvmsg(MAX_REQUEST, _socket.CMSG_SPACE(4 * 8))
     fds: list[int] = []
@@ -442,18 +552,22 @@ def _handle(conn: _socket.socket) -> None:
             usable = len(payload) - len(payload) % 4
             fds += struct.unpack(f"{usable // 4}i", payload[:usable])
     try:
-        try:
-            request = _check_request(data, fds, msg_flags)
-            _check_peer(peer_pid, request)
-        except _Refused as exc:
-            _log(f"refused pid={peer_pid}: {exc}")
-            conn.send(b"refused " + str(exc).encode())
-            return
-        child = _run_child(conn, request, fds)
-        _log(f"pid {peer_pid}: {' '.join(request['argv'][-1:])} runs in child {child}")  # type: ignore[index]
-    finally:
-        for fd in fds:
-            os.close(fd)
+        if not fresh:
+            raise _Refused("the fork server is out of date")
+        request = _check_request(data, fds, msg_flags)
+        _check_peer(peer_pid, request)
+    except _Refused as exc:
+        _log(f"refused pid={peer_pid}: {exc}")
+        conn.send(b"refused " + str(exc).encode())
+        return 0
+    _log(f"pid {peer_pid}: {' '.join(request['argv'][-1:])} runs in child {os.getpid()}")  # type: ignore[index]
+    global _log_fd
+    try:
+        os.close(_log_fd)
+    except OSError:
+        pass
+    _log_fd = -1  # from here on the caller's stderr (fd 2) is ours
+    return _run_command(conn, request, fds)
 
 
 def _check_request(data: bytes, fds: list[int], msg_flags: int) -> dict[str, object]:
@@ -465,34 +579,46 @@ def _check_request(data: bytes, fds: list[int], msg_flags: int) -> dict[str, obj
         raise _Refused(f"want {PASSED_FDS} fds (stdin, stdout, stderr, cwd), got {len(fds)}")
     if not stat.S_ISDIR(os.fstat(fds[3]).st_mode):
         raise _Refused("the working directory fd is not a directory")
-    try:
-        request = marshal.loads(data)  # from a root peer (checked above), never others
-    except (ValueError, EOFError, TypeError, MemoryError) as exc:
-        raise _Refused(f"bad request: {exc!r}") from exc
-    if not isinstance(request, dict) or request.get("protocol") != PROTOCOL:
+    fields = data.split(b"\0")
+    if fields[0] != MAGIC:
         raise _Refused("protocol mismatch")
-    if not _strings(request.get("argv")) or not _strings(request.get("command")):
+    if len(fields) < 3 or fields.pop() != b"" or not fields[1].isdigit():
+        raise _Refused("bad request")
+    argc = int(fields[1])
+    if len(fields) < 2 + argc:
         raise _Refused("bad argv")
-    env = request.get("env")
-    if not isinstance(env, dict) or not _strings(list(env) + list(env.values())):
-        raise _Refused("bad environment")
-    return request
+    argv = [os.fsdecode(arg) for arg in fields[2 : 2 + argc]]
+    env = {}
+    for entry in fields[2 + argc :]:
+        key, sep, value = entry.partition(b"=")
+        if sep and key:  # as Python builds os.environ
+            env[os.fsdecode(key)] = os.fsdecode(value)
+    return {"argv": argv, "env": env}
 
 
 def _check_peer(pid: int, request: dict[str, object]) -> None:
-    """What the child takes over must be what the peer is: namespaces, root and
-    confinement are read from the kernel (SO_PEERCRED's pid), never from the
-    request. The peer waits for our answer, so its pid cannot be reused meanwhile."""
+    """What the child takes over must be what the peer is: namespaces, root,
+    confinement, umask, rlimits and cgroups are read from the kernel
+    (SO_PEERCRED's pid), never from the request. The peer waits for our answer,
+    so its pid cannot be reused meanwhile."""
+    import resource
+
     try:
         theirs = _namespaces(f"/proc/{pid}")
         status = _status_fields(f"/proc/{pid}/status")
-    except OSError as exc:
+        request["rlimits"] = {
+            name: resource.prlimit(pid, getattr(resource, name))
+            for name in RLIMITS
+            if hasattr(resource, name)
+        }
+        request["cgroup"] = _read(f"/proc/{pid}/cgroup")
+        request["umask"] = int(status["Umask"], 8)
+    except (OSError, KeyError, ValueError) as exc:
         raise _Refused(f"cannot inspect the caller: {exc}") from exc
-    if theirs != _namespaces():
+    if theirs != _own_namespaces:
         raise _Refused("the caller runs in other namespaces")
-    mine = _status_fields("/proc/self/status")
     for field in CONFINEMENT:
-        if status.get(field) != mine.get(field):
+        if status.get(field) != _own_status.get(field):
             raise _Refused(f"the caller is confined differently ({field})")
     request["pid"] = pid
     request["ppid"] = int(status.get("PPid", "0"))
@@ -506,42 +632,22 @@ def _status_fields(path: str) -> dict[str, str]:
     return fields
 
 
-def _strings(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) and "\0" not in v for v in value)
-
-
-def _run_child(conn: _socket.socket, request: dict[str, object], fds: list[int]) -> int:
-    """Fork the child that takes over the caller's context and runs its command."""
-    import signal
-
-    # A SIGTERM between fork and the reset below would run the server's clean-up
-    # in the child (removing the live server's files): hold it until then.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    child = os.fork()
-    if child != 0:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        return child  # reaped by the accept loop
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server's clean-up is not ours
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    for fd in (*_server_fds, _log_fd):
-        # A killed server's socket must stop accepting at once, and a new server
-        # must get the lock, even while this child runs a long delete.
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+def _run_command(conn: _socket.socket, request: dict[str, object], fds: list[int]) -> int:
+    """Take over the caller's context and run its command; tell it the status."""
     answered = False
     try:
         conn.send(b"ack")  # from here on the command may run: no fallback
+        from shimv2.cli import self_command
+
         argv = list(request["argv"])  # type: ignore[call-overload]
-        command = list(request["command"])  # type: ignore[call-overload]
+        command = self_command()  # the server's own launcher: what a direct run execs
         _set_cmdline(" ".join([*command, *argv]))  # not "forkserver": `pkill -f` misses it
         try:
             _adopt_context(request)
         except Exception as exc:  # CgroupError included: refuse, the caller runs it
             conn.send(f"refused cannot take over the caller's context: {exc}".encode())
             answered = True
-            return 0  # (never returns: the finally clause exits)
+            return 0
         global caller_pid, caller_ppid
         caller_pid = int(request["pid"])  # type: ignore[call-overload]
         caller_ppid = int(request["ppid"])  # type: ignore[call-overload]
@@ -571,15 +677,19 @@ def _run_child(conn: _socket.socket, request: dict[str, object], fds: list[int])
                 stream.flush()
             except (OSError, ValueError):
                 pass
+        if status != 0:
+            abandon_daemon()
         conn.send(f"exit {status}".encode())
         answered = True
     finally:
         if not answered:
+            abandon_daemon()
             try:
                 conn.send(b"exit 1")
             except OSError:
                 pass
-        os._exit(0)
+    conn.close()
+    return _run_pending_daemon() if _pending_daemon is not None else 0
 
 
 def _adopt_context(request: dict[str, object]) -> None:
@@ -602,32 +712,38 @@ def _adopt_context(request: dict[str, object]) -> None:
         join_cgroups(wanted)
 
 
-def fork_daemon(args: list[str], listener_fd: int) -> int:
-    """In a child of the server: fork the shim daemon itself (nothing to import)."""
-    pid = os.fork()
-    if pid:
-        return pid
-    status = 1
-    try:
-        os.setpgid(0, 0)  # its own process group, as a spawned daemon gets
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.dup2(listener_fd, 3)  # where the daemon expects its listener
-        os.closerange(4, _max_fd())  # close_range(2): cheap up to any limit
-        import random
+def become_daemon(args: list[str], listener_fd: int) -> int:
+    """In a child of the server running ``start``: this very process becomes the
+    shim daemon once the caller has its answer (run_pending_daemon), so ``start``
+    costs no fork and no imports. Returns the daemon's pid: ours."""
+    global _pending_daemon
+    _pending_daemon = (list(args), os.dup(listener_fd))  # start closes its copy
+    return os.getpid()
 
-        random.seed()
-        from shimv2.cli import parse_flags, self_command
-        from shimv2.daemon import run as run_daemon
 
-        sys.argv = [self_command()[-1], *args]
-        _set_cmdline(" ".join([*self_command(), *args]))  # what a spawned daemon shows
-        status = run_daemon(parse_flags(args))
-    except BaseException:
-        pass
-    finally:
-        os._exit(status)
+def abandon_daemon() -> None:
+    """``start`` failed after become_daemon: exit with it instead."""
+    global _pending_daemon
+    if _pending_daemon is not None:
+        os.close(_pending_daemon[1])
+        _pending_daemon = None
+
+
+def _run_pending_daemon() -> int:
+    """After a successful ``start`` answered its caller: serve as the daemon."""
+    assert _pending_daemon is not None
+    args, listener_fd = _pending_daemon
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # containerd reads start's output to EOF
+        os.dup2(null, fd)
+    os.dup2(listener_fd, 3)  # where the daemon expects its listener
+    os.closerange(4, _max_fd())  # close_range(2): cheap up to any limit
+    from shimv2.cli import parse_flags, self_command
+    from shimv2.daemon import run as run_daemon
+
+    sys.argv = [self_command()[-1], *args]
+    _set_cmdline(" ".join([*self_command(), *args]))  # what a spawned daemon shows
+    return run_daemon(parse_flags(args))
 
 
 def _max_fd() -> int:

@@ -124,14 +124,12 @@ def _spawn_direct(args: list[str], listener: socket.socket) -> int:
 
 
 def _spawn_daemon(flags: Flags, listener: socket.socket) -> int:
-    """Fork the daemon when we run in a fork server's child (it has everything
-    imported), else spawn a fresh interpreter."""
+    """In a fork server's child (everything imported) that child becomes the
+    daemon once we answered; else spawn a fresh interpreter."""
     args = _daemon_args(flags)
     if forkserver.caller_pid:
-        pid = forkserver.fork_daemon(args, listener.fileno())
-    else:
-        pid = _spawn_direct(args, listener)
-    return pid
+        return forkserver.become_daemon(args, listener.fileno())
+    return _spawn_direct(args, listener)
 
 
 def _adjust_oom_score(pid: int) -> None:
@@ -214,7 +212,9 @@ def start(flags: Flags) -> int:
             bundlefiles.write_atomic(os.path.join(bundle, "shim.pid"), str(pid))
         bundlefiles.write_atomic(os.path.join(bundle, "address"), address)
     except Exception as exc:
-        if pid:
+        if pid == os.getpid():
+            forkserver.abandon_daemon()
+        elif pid:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         if listener is not None:

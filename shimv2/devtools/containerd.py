@@ -547,6 +547,13 @@ disabled_plugins = [{disabled_cri}
             raise ContainerdError("containerd already running")
         overrides = {"containerd": self.containerd_bin, "ctr": self.ctr_bin}
         require_tools([t for t, o in overrides.items() if o is None], self.path)  # + root check
+        shim = self.which(shim_binary_name(RUNTIMES["pyshim"]))
+        if shim and Path(shim).parent == venv_bin_dir():
+            from shimv2 import launcher
+
+            # A native launcher built before an edit would quietly fall back to
+            # Python on every call: the fast path would go unmeasured and untested.
+            launcher.ensure_current(shim)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill/stop
         self._log_file.write(f"==== harness: starting containerd {time.ctime()} ====\n".encode())
         self._log_file.flush()

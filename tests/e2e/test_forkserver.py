@@ -91,12 +91,13 @@ def test_first_start_launches_the_server_later_ones_fork_from_it(
     forked = run_detached(c, rootfs, second)
     log = Path(forkserver.paths(str(private.fs_dir), forkserver.version_tag())[2]).read_text()
     assert "start runs in child" in log
-    # A forked daemon shows the same command line as a spawned one and is
-    # re-parented away from the server, in containerd's cgroups.
+    # A forked daemon (the server's child that ran `start`, then became it) shows
+    # the same command line as a spawned one, in containerd's cgroups.
     cmd = psutil.Process(forked).cmdline()
     assert cmd[cmd.index("-id") + 1] == second
-    assert psutil.Process(forked).ppid() != server
-    assert psutil.Process(forked).ppid() != c.pid
+    assert cmd == [second if arg == first else arg for arg in psutil.Process(direct).cmdline()]
+    assert psutil.Process(forked).ppid() == server  # which reaps it
+    assert os.getpgid(forked) == forked and os.getsid(forked) == forked
     assert _cgroups(forked) == _cgroups(c.pid or 0)
     for shim in (direct, forked):
         # fd 3, the listener, stays out of runc and hooks: close-on-exec

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import shimv2
+from shimv2 import launcher
 
 from .harness import (
     RUNNING,
@@ -147,8 +148,9 @@ def test_install_sh_layout(installed: Installed) -> None:
     assert os.readlink(installed.prefix / "current").startswith("releases/")
     (rel,) = installed.releases()
     assert rel.startswith(f"{VERSION}-")
-    script = installed.prefix / "releases" / rel / "bin" / NAME
-    shebang = f"#!{installed.prefix}/releases/{rel}/bin/python -IS"  # the launcher
+    binary = installed.prefix / "releases" / rel / "bin" / NAME
+    script = Path(f"{binary}.py") if launcher.is_native(str(binary)) else binary
+    shebang = f"#!{installed.prefix}/releases/{rel}/bin/python -IS"  # the Python launcher
     assert script.read_text().splitlines()[0] == shebang
     out = run([str(installed.link), "-v"])
     assert f"Version:  {VERSION}" in out
@@ -269,8 +271,19 @@ def test_deb_extracted(deb: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     run(["dpkg-deb", "-x", str(deb), str(root)])
     rel = root / "opt/pyshim/releases" / VERSION
-    script = rel / "bin" / NAME
+    binary = rel / "bin" / NAME
+    assert launcher.is_native(str(binary)), "build-deb.sh had cc: the native launcher"
+    script = Path(f"{binary}.py")
     assert script.read_text().splitlines()[0] == f"#!/opt/pyshim/releases/{VERSION}/bin/python -IS"
+    # the fork server version compiled into it is the one of the files as installed
+    (site_packages,) = rel.glob("lib/python3*/site-packages")
+    tag = run(
+        [str(rel / "bin/python"), "-I", "-S", "-c",
+         f"import sys; sys.path[0:0] = [{str(site_packages)!r}]; "
+         "from shimv2 import forkserver; print(forkserver.version_tag())"],
+        cwd=tmp_path,
+    ).strip()  # fmt: skip
+    assert tag.encode() in binary.read_bytes()
     assert os.readlink(rel / "bin/python3") == "/usr/bin/python3"
     # no trace of the build's staging dir anywhere (text files)
     stale = subprocess.run(
@@ -326,7 +339,9 @@ def test_deb_dpkg_root_upgrade_remove(deb: Path, wheel: Path, tmp_path: Path) ->
         assert os.readlink(current) == f"releases/{VERSION}-2"
         assert (rels / f"{VERSION}-2/bin" / NAME).is_file()
         # dpkg deleted the old package's files; the scripts put them back
-        assert (old / "bin" / NAME).read_text().startswith(f"#!/opt/pyshim/releases/{VERSION}/")
+        assert launcher.is_native(str(old / "bin" / NAME))
+        script = old / "bin" / f"{NAME}.py"
+        assert script.read_text().startswith(f"#!/opt/pyshim/releases/{VERSION}/")
         assert not list(rels.glob(".keep-*"))
     finally:
         user.kill()

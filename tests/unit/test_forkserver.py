@@ -1,13 +1,14 @@
 """The fork server (shimv2/forkserver.py) with a private server directory.
 
-The shim binary is the launcher in the venv (what containerd runs); each test
-starts its own server under tmp_path and stops it by pid.
+The shim binary is the launcher in the venv (what containerd runs): the native
+one (shimv2/launcher.c) and the Python one it falls back to, both clients of
+the same protocol; each test starts its own server under tmp_path and stops it
+by pid.
 """
 
 from __future__ import annotations
 
 import json
-import marshal
 import os
 import shutil
 import signal
@@ -24,10 +25,20 @@ import psutil
 import pytest
 
 from shimv2 import bundle as bundlefiles
-from shimv2 import forkserver
+from shimv2 import forkserver, launcher
 from shimv2.api.containerd.task.v2 import shim_pb2
 
 BINARY = str(Path(sys.executable).parent / "containerd-shim-pyshim-v2")
+NATIVE = launcher.is_native(BINARY)
+PYTHON_LAUNCHER = BINARY + ".py" if NATIVE else BINARY
+
+
+@pytest.fixture(params=["native", "python"])
+def client(request: pytest.FixtureRequest) -> str:
+    """The binary containerd runs: the native launcher, or the Python one."""
+    if request.param == "native" and not NATIVE:
+        pytest.skip("the venv was built without a C compiler: no native launcher")
+    return BINARY if request.param == "native" else PYTHON_LAUNCHER
 
 
 def _env(directory: Path, **extra: str) -> dict[str, str]:
@@ -89,17 +100,17 @@ def make_bundle(base: Path) -> Path:
 
 
 def run_delete(
-    bundle: Path, env: dict[str, str], *prefix: str
+    bundle: Path, env: dict[str, str], *prefix: str, binary: str = BINARY
 ) -> subprocess.CompletedProcess[bytes]:
-    argv = [*prefix, BINARY, "-namespace", "unitns", "-id", "t1", "-bundle", str(bundle), "delete"]
+    argv = [*prefix, binary, "-namespace", "unitns", "-id", "t1", "-bundle", str(bundle), "delete"]
     return subprocess.run(
         argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60
     )
 
 
-def test_delete_runs_in_the_fork_server(server: Server, tmp_path: Path) -> None:
+def test_delete_runs_in_the_fork_server(server: Server, tmp_path: Path, client: str) -> None:
     bundle = make_bundle(tmp_path)
-    result = run_delete(bundle, _env(server.dir))
+    result = run_delete(bundle, _env(server.dir), binary=client)
     assert result.returncode == 0, result.stderr
     assert result.stderr == b""
     response = shim_pb2.DeleteResponse.FromString(result.stdout)
@@ -108,11 +119,11 @@ def test_delete_runs_in_the_fork_server(server: Server, tmp_path: Path) -> None:
     assert "delete runs in child" in server.log_text()
 
 
-def test_exit_status_and_stderr_come_back(server: Server, tmp_path: Path) -> None:
+def test_exit_status_and_stderr_come_back(server: Server, tmp_path: Path, client: str) -> None:
     """A failing start through the server fails exactly as a local one."""
     env = _env(server.dir)
     result = subprocess.run(
-        [BINARY, "-id", "x", "-address", "/nowhere", "start"],
+        [client, "-id", "x", "-address", "/nowhere", "start"],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -125,30 +136,43 @@ def test_exit_status_and_stderr_come_back(server: Server, tmp_path: Path) -> Non
 
 
 def test_other_namespaces_are_refused_and_the_command_runs_locally(
-    server: Server, tmp_path: Path
+    server: Server, tmp_path: Path, client: str
 ) -> None:
     bundle = make_bundle(tmp_path)
-    result = run_delete(bundle, _env(server.dir), "unshare", "--mount", "--")
+    result = run_delete(bundle, _env(server.dir), "unshare", "--mount", "--", binary=client)
     assert result.returncode == 0, result.stderr
     assert shim_pb2.DeleteResponse.FromString(result.stdout).exit_status == 7
     assert "other namespaces" in server.log_text()
     assert "delete runs in child" not in server.log_text()
 
 
-def test_no_server_means_a_local_run(tmp_path: Path) -> None:
+def test_no_server_means_a_local_run(tmp_path: Path, client: str) -> None:
     bundle = make_bundle(tmp_path)
-    result = run_delete(bundle, _env(tmp_path / "nothing-here"))
+    result = run_delete(bundle, _env(tmp_path / "nothing-here"), binary=client)
     assert result.returncode == 0, result.stderr
     assert shim_pb2.DeleteResponse.FromString(result.stdout).exit_status == 7
     assert not (tmp_path / "nothing-here").exists()  # delete never launches a server
 
 
-def test_a_killed_server_is_not_needed(server: Server, tmp_path: Path) -> None:
+def spare_of(server: Server) -> psutil.Process:
+    """The child the server forked ahead, waiting for the next request."""
+    deadline = time.monotonic() + 10
+    while True:
+        children = psutil.Process(server.proc.pid).children()
+        if len(children) == 1:
+            return children[0]
+        assert time.monotonic() < deadline, children
+        time.sleep(0.02)
+
+
+def test_a_killed_server_is_not_needed(server: Server, tmp_path: Path, client: str) -> None:
+    spare = spare_of(server)
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(10)
+    spare.wait(10)  # it dies with the server (PR_SET_PDEATHSIG)
     assert server.sock.exists()  # stale socket: connection refused
     bundle = make_bundle(tmp_path)
-    result = run_delete(bundle, _env(server.dir))
+    result = run_delete(bundle, _env(server.dir), binary=client)
     assert result.returncode == 0, result.stderr
     assert shim_pb2.DeleteResponse.FromString(result.stdout).exit_status == 7
 
@@ -193,7 +217,16 @@ def test_a_peer_with_another_uid_is_refused(server: Server) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"garbage", b"\xff" * 100],
+    [
+        b"",
+        b"garbage",
+        b"\xff" * 100,
+        forkserver.MAGIC + b"\0",
+        forkserver.MAGIC + b"\0x\0delete\0",
+        forkserver.MAGIC + b"\05\0delete\0",
+        forkserver.MAGIC + b"\01\0delete",  # not NUL-ended
+        b"pyshim-forkserver 2\0" + b"1\0delete\0",
+    ],
 )
 def test_bad_requests_are_refused_and_the_server_keeps_serving(
     server: Server, tmp_path: Path, payload: bytes
@@ -249,14 +282,42 @@ def test_files_of_dead_servers_are_removed(server_dir: Path) -> None:
 
 
 def test_sigterm_cleans_up(server: Server) -> None:
+    spare = spare_of(server)
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(10) == 0
     assert not server.sock.exists() and not server.pidfile.exists()
+    spare.wait(10)
 
 
-def _fake_server(directory: Path, answers: list[bytes]) -> tuple[socket.socket, threading.Thread]:
-    """A socket at the real server's path that takes one request and answers
-    ``answers``, then hangs up: a server dying at a chosen moment."""
+def test_a_request_takes_the_spare_and_a_new_one_waits(server: Server, tmp_path: Path) -> None:
+    first = spare_of(server)
+    bundle = make_bundle(tmp_path)
+    assert run_delete(bundle, _env(server.dir)).returncode == 0
+    assert f"runs in child {first.pid}" in server.log_text()
+    second = spare_of(server)  # the command's child is reaped at once (SIGCHLD)
+    assert second.pid != first.pid
+    assert second.cmdline()[-2:] == ["forkserver", server.tag]
+
+
+def test_a_killed_spare_is_replaced_at_once(server: Server, tmp_path: Path) -> None:
+    first = spare_of(server)
+    first.kill()
+    first.wait(10)
+    bundle = make_bundle(tmp_path)
+    started = time.monotonic()
+    result = run_delete(bundle, _env(server.dir))
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 4  # not after the server's 5 s tick
+    assert f"spare child {first.pid} died" in server.log_text()
+    assert "delete runs in child" in server.log_text()
+
+
+def _fake_server(
+    directory: Path, answers: list[bytes], received: list[bytes] | None = None
+) -> tuple[socket.socket, threading.Thread]:
+    """A socket at the real server's path that takes one request (appended to
+    ``received``) and answers ``answers``, then hangs up: a server dying at a
+    chosen moment."""
     directory.mkdir(mode=0o700)
     path = forkserver.paths(str(directory), forkserver.version_tag())[0]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -265,7 +326,9 @@ def _fake_server(directory: Path, answers: list[bytes]) -> tuple[socket.socket, 
 
     def serve() -> None:
         conn, _ = listener.accept()
-        _, fds, _, _ = socket.recv_fds(conn, forkserver.MAX_REQUEST, 8)
+        data, fds, _, _ = socket.recv_fds(conn, forkserver.MAX_REQUEST, 8)
+        if received is not None:
+            received.append(data)
         for fd in fds:  # the caller's stdout among them: holding it would keep it open
             os.close(fd)
         for answer in answers:
@@ -277,10 +340,12 @@ def _fake_server(directory: Path, answers: list[bytes]) -> tuple[socket.socket, 
     return listener, thread
 
 
-def test_a_server_gone_before_forking_means_a_local_run(server_dir: Path, tmp_path: Path) -> None:
+def test_a_server_gone_before_forking_means_a_local_run(
+    server_dir: Path, tmp_path: Path, client: str
+) -> None:
     listener, thread = _fake_server(server_dir, [])  # hangs up without a word
     try:
-        result = run_delete(make_bundle(tmp_path), _env(server_dir))
+        result = run_delete(make_bundle(tmp_path), _env(server_dir), binary=client)
     finally:
         thread.join(10)
         listener.close()
@@ -288,10 +353,12 @@ def test_a_server_gone_before_forking_means_a_local_run(server_dir: Path, tmp_pa
     assert shim_pb2.DeleteResponse.FromString(result.stdout).exit_status == 7
 
 
-def test_a_command_cut_short_is_not_run_twice(server_dir: Path, tmp_path: Path) -> None:
+def test_a_command_cut_short_is_not_run_twice(
+    server_dir: Path, tmp_path: Path, client: str
+) -> None:
     listener, thread = _fake_server(server_dir, [b"ack"])  # forked, then died
     try:
-        result = run_delete(make_bundle(tmp_path), _env(server_dir))
+        result = run_delete(make_bundle(tmp_path), _env(server_dir), binary=client)
     finally:
         thread.join(10)
         listener.close()
@@ -299,28 +366,173 @@ def test_a_command_cut_short_is_not_run_twice(server_dir: Path, tmp_path: Path) 
     assert b"cut short" in result.stderr
 
 
+def _can_raise_hard_limits() -> bool:
+    return bool(int(forkserver._status_fields("/proc/self/status")["CapEff"], 16) & 1 << 24)
+
+
 def test_a_context_it_cannot_take_over_is_refused_after_the_ack(
     server: Server, tmp_path: Path
 ) -> None:
-    """A cgroup the server cannot join (CgroupError) is a refusal, not "exit 1"."""
-    request = {
-        "protocol": forkserver.PROTOCOL,
-        "argv": ["-namespace", "x", "-id", "t1", "delete"],
-        "command": [BINARY],
-        "env": {},
-        "umask": 0o022,
-        "rlimits": {},
-        "cgroup": "99:bogus_controller:/nowhere\n",
-    }
+    """A hard rlimit the child cannot raise is a refusal after the ack, not "exit 1"."""
+    if _can_raise_hard_limits():
+        pytest.skip("CAP_SYS_RESOURCE: the child could take over any rlimit")
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (min(soft, 512), 512))
+    # the spare child waiting now was forked before: one request, and the next has the limit
+    assert run_delete(make_bundle(tmp_path), _env(server.dir)).returncode == 0
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn.settimeout(10)
     conn.connect(str(server.sock))
     cwd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        socket.send_fds(conn, [marshal.dumps(request)], [0, 1, 2, cwd])
+        request = forkserver.encode_request(["-namespace", "x", "-id", "t1", "delete"], {})
+        socket.send_fds(conn, [request], [0, 1, 2, cwd])
         assert conn.recv(100) == b"ack"
         answer = conn.recv(1000)
     finally:
         os.close(cwd)
         conn.close()
+    assert hard > 512
     assert answer.startswith(b"refused cannot take over the caller's context"), answer
+
+
+def test_the_daemon_takes_over_the_callers_umask_and_rlimits(
+    server: Server, tmp_path: Path, client: str
+) -> None:
+    """Read from /proc/<peer> by the server, not sent by the client."""
+    import resource
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    os.mkfifo(bundle / "log", 0o700)
+    log_reader = os.open(bundle / "log", os.O_RDWR | os.O_NONBLOCK)  # containerd's
+    argv = f"{client} -namespace unitfs-{os.getpid()} -address /tmp/{os.urandom(8).hex()}/c.sock"
+    env = {k: v for k, v in _env(server.dir).items() if k != "TTRPC_ADDRESS"}
+    result = subprocess.run(
+        ["sh", "-c", f"umask 027; ulimit -S -n 777; exec {argv} -id t1 start"],
+        cwd=bundle, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+    )  # fmt: skip
+    pid = bundlefiles.read_pid(str(bundle / "shim.pid"))
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "start runs in child" in server.log_text()
+        assert forkserver._status_fields(f"/proc/{pid}/status")["Umask"] == "0027"
+        assert resource.prlimit(pid, resource.RLIMIT_NOFILE)[0] == 777
+    finally:
+        if pid > 0:
+            os.kill(pid, signal.SIGKILL)
+        os.close(log_reader)
+        socket_path = result.stdout.decode().removeprefix("unix://")
+        if socket_path.startswith("/"):
+            Path(socket_path).unlink(missing_ok=True)
+
+
+def test_both_clients_send_the_same_request(server_dir: Path, tmp_path: Path) -> None:
+    if not NATIVE:
+        pytest.skip("the venv was built without a C compiler: no native launcher")
+    requests: list[bytes] = []
+    env = {**_env(server_dir), "ODD": "a=b\tc", "EMPTY": ""}
+    bundle = make_bundle(tmp_path)
+    for binary in (BINARY, PYTHON_LAUNCHER):
+        listener, thread = _fake_server(server_dir, [b"exit 3"], requests)
+        try:
+            result = run_delete(bundle, env, binary=binary)
+        finally:
+            thread.join(10)
+            listener.close()
+            shutil.rmtree(server_dir)
+        assert result.returncode == 3, result.stderr
+    native, python = requests
+    assert native.split(b"\0")[:9] == python.split(b"\0")[:9]
+    assert sorted(native.split(b"\0")[9:]) == sorted(python.split(b"\0")[9:])
+    fields = native.split(b"\0")
+    assert fields[:3] == [forkserver.MAGIC, b"7", b"-namespace"]
+    assert b"ODD=a=b\tc" in fields and b"EMPTY=" in fields
+
+
+def test_the_native_launcher_runs_other_commands_in_python(client: str) -> None:
+    result = subprocess.run([client, "-v"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.startswith("containerd-shim-pyshim-v2:\n  Version:")
+
+
+def test_the_native_launcher_falls_back_when_disabled(server: Server, tmp_path: Path) -> None:
+    if not NATIVE:
+        pytest.skip("the venv was built without a C compiler: no native launcher")
+    result = run_delete(make_bundle(tmp_path), _env(server.dir, PYSHIM_FORKSERVER="off"))
+    assert result.returncode == 0, result.stderr
+    assert shim_pb2.DeleteResponse.FromString(result.stdout).exit_status == 7
+    assert "runs in child" not in server.log_text()
+
+
+def test_an_environment_too_big_for_one_request_runs_locally(
+    server: Server, tmp_path: Path, client: str
+) -> None:
+    chunk = "x" * (100 << 10)  # one variable may not exceed 128 KiB (MAX_ARG_STRLEN)
+    big = {f"BIG{i}": chunk for i in range(forkserver.MAX_REQUEST // len(chunk) + 1)}
+    env = _env(server.dir, **big)
+    result = run_delete(make_bundle(tmp_path), env, binary=client)
+    assert result.returncode == 0, result.stderr
+    assert shim_pb2.DeleteResponse.FromString(result.stdout).exit_status == 7
+    assert "runs in child" not in server.log_text()
+
+
+def test_a_server_whose_files_changed_refuses_and_exits(server_dir: Path, tmp_path: Path) -> None:
+    """An edit (or upgrade) after the server started: it never forks that code."""
+    package = tmp_path / "copy" / "shimv2"
+    shutil.copytree(
+        Path(forkserver.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    run_copy = (
+        f"import sys; sys.path.insert(0, {str(package.parent)!r}); "
+        "from shimv2 import forkserver; sys.exit(forkserver.main(sys.argv[1:]))"
+    )
+    copy_tag = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(package.parent)!r}); "
+         "from shimv2 import forkserver; print(forkserver.version_tag())"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.strip()  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", run_copy, copy_tag],
+        env=_env(server_dir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sock = Path(forkserver.paths(str(server_dir), copy_tag)[0])
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.utime(package / "journal.py")  # any source file of the server's copy
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.settimeout(10)
+        conn.connect(str(sock))
+        cwd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            request = forkserver.encode_request(["-namespace", "x", "-id", "t1", "delete"], {})
+            socket.send_fds(conn, [request], [0, 1, 2, cwd])
+            assert conn.recv(100) == b"refused the fork server is out of date"
+        finally:
+            os.close(cwd)
+            conn.close()
+        assert proc.wait(10) == 0
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_unchanged_sees_size_and_mtime(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("x = 1\n")
+    files = forkserver.source_files(str(tmp_path))
+    assert [Path(p).name for p, _, _ in files] == ["a.py"]
+    assert forkserver._unchanged(files)
+    os.utime(tmp_path / "a.py", ns=(1, 1))
+    assert not forkserver._unchanged(files)
+    assert not forkserver._unchanged([(str(tmp_path / "gone.py"), 0, 0)])
