@@ -31,6 +31,7 @@ log = logging.getLogger("shimv2")
 PR_SET_CHILD_SUBREAPER = 36
 LISTENER_FD = 3
 EVENT_FLUSH_TIMEOUT = 5.0
+SHUTDOWN_REPLY_TIMEOUT = 0.05
 
 
 def become_subreaper() -> None:
@@ -102,8 +103,12 @@ async def serve(flags: Flags, listener: socket.socket, socket_path: str) -> None
         nursery.start_soon(stop_on_signal)
         log.info("serving %s (pid %d)", socket_path, os.getpid())
         await shutdown.wait()
-        # Let the Shutdown response reach containerd before the socket goes away.
-        await trio.sleep(0.05)
+        # Let the Shutdown response reach containerd before the socket goes away:
+        # wait until it is written (not a fixed 50 ms: the shim lingered that
+        # long after every Shutdown); a request that never ends (a Wait) is not
+        # waited for beyond that.
+        with trio.move_on_after(SHUTDOWN_REPLY_TIMEOUT):
+            await server.drained()
         if socket_path:
             with contextlib.suppress(OSError):
                 os.unlink(socket_path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -61,6 +62,7 @@ ExitListener = Callable[[Exit], None]
 class Reaper:
     def __init__(self) -> None:
         self._children: dict[int, Child] = {}
+        self._programs: dict[tuple[str, str], str] = {}  # (name, PATH) -> path
         self._listeners: list[ExitListener] = []
 
     def subscribe(self, listener: ExitListener) -> None:
@@ -90,9 +92,11 @@ class Reaper:
         floor = max(sources, default=2) + 1
         copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in sources.values()]
         actions += [(os.POSIX_SPAWN_DUP2, c, t) for c, t in zip(copies, sources, strict=True)]
+        program = self._resolve(argv[0], env.get("PATH", os.defpath))
+        spawn = os.posix_spawn if "/" in program else os.posix_spawnp
         try:
-            pid = os.posix_spawnp(
-                argv[0], list(argv), dict(env), file_actions=actions, setsigdef=_RESET_SIGNALS
+            pid = spawn(
+                program, list(argv), dict(env), file_actions=actions, setsigdef=_RESET_SIGNALS
             )
         finally:
             for c in copies:
@@ -100,6 +104,17 @@ class Reaper:
         child = Child(pid)
         self._children[pid] = child
         return child
+
+    def _resolve(self, program: str, path: str) -> str:
+        """Where ``program`` is on ``path``, looked up once: posix_spawnp would try
+        every PATH entry in each child (four failed execs before runc, here)."""
+        if "/" in program:
+            return program
+        found = self._programs.get((program, path))
+        if found is None or not os.access(found, os.X_OK):  # first time, or it moved
+            found = shutil.which(program, path=path) or program  # not found: spawnp says so
+            self._programs[(program, path)] = found
+        return found
 
     def reap(self) -> list[Exit]:
         """Collect every exited child now; route each exit. Returns them (for tests)."""

@@ -125,11 +125,21 @@ class Server:
     def __init__(self, *, require_same_user: bool = True) -> None:
         self.require_same_user = require_same_user
         self._services: dict[str, dict[str, Method]] = {}
+        # Requests being handled or answered; `drained` waits for none.
+        self._in_flight = 0
+        self._drained = trio.Event()
+        self._drained.set()
 
     def register_service(self, name: str, methods: Mapping[str, Method]) -> None:
         if name in self._services:
             raise ValueError(f"service {name} already registered")
         self._services[name] = dict(methods)
+
+    async def drained(self) -> None:
+        """Return once every request received so far has been answered (its
+        response written to the socket, or dropped with its connection)."""
+        while self._in_flight:
+            await self._drained.wait()
 
     async def serve(
         self,
@@ -250,6 +260,17 @@ class Server:
         handlers.start_soon(self._handle, conn, event.stream_id, req)
 
     async def _handle(self, conn: _Connection, stream_id: int, req: Request) -> None:
+        self._in_flight += 1
+        if self._drained.is_set():
+            self._drained = trio.Event()
+        try:
+            await self._handle_one(conn, stream_id, req)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._drained.set()
+
+    async def _handle_one(self, conn: _Connection, stream_id: int, req: Request) -> None:
         metadata: dict[str, list[str]] = {}
         for kv in req.metadata:
             metadata.setdefault(kv.key.lower(), []).append(kv.value)

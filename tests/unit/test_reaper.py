@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -89,6 +90,21 @@ async def test_spawn_missing_program_registers_nothing(reaper: Reaper) -> None:
         reaper.spawn(["no-such-program-anywhere"], env=env())
     assert reaper._children == {}
     assert open_fds() == fds  # the temporary fd copies are closed again
+
+
+async def test_spawn_looks_a_program_up_once_and_again_when_it_moved(
+    reaper: Reaper, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    for directory, code in ((first, 3), (second, 4)):
+        directory.mkdir()
+        (directory / "prog").write_text(f"#!/bin/sh\nexit {code}\n")
+        (directory / "prog").chmod(0o755)
+    path = f"{first}:{second}:/usr/bin:/bin"
+    assert await reaper.spawn(["prog"], env={"PATH": path}).wait() == 3
+    assert reaper._programs[("prog", path)] == str(first / "prog")
+    (first / "prog").unlink()
+    assert await reaper.spawn(["prog"], env={"PATH": path}).wait() == 4
 
 
 async def test_spawn_not_executable(reaper: Reaper, tmp_path: trio.Path) -> None:

@@ -167,6 +167,32 @@ async def test_out_of_order_responses_and_blocked_handler() -> None:
         assert sid == 1 and StringValue.FromString(resp.payload).value == "released"
 
 
+async def test_drained_waits_for_every_answer() -> None:
+    """The daemon exits once Shutdown's answer is written, not after a fixed sleep."""
+    server, svc = make_server()
+    with trio.fail_after(TIMEOUT):
+        await server.drained()  # nothing in flight
+    async with served_pair(server) as peer:
+        await peer.request(1, "Block")
+        await svc.block_started.wait()
+        drained = trio.Event()
+
+        async def wait_drained() -> None:
+            await server.drained()
+            drained.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_drained)
+            await peer.echo_ok(3)  # answered while 1 is still in flight
+            await trio.sleep(0.01)
+            assert not drained.is_set()
+            svc.release.set()
+            sid, _ = await peer.response()
+            assert sid == 1
+            with trio.fail_after(TIMEOUT):
+                await drained.wait()
+
+
 async def test_concurrent_responses_are_written_whole() -> None:
     server, _ = make_server()
     async with served_pair(server) as peer:
