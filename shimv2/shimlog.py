@@ -54,7 +54,10 @@ class LogfmtFormatter(logging.Formatter):
             message += "\n" + self.formatException(record.exc_info)
         quoted = message.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         level = record.levelname.lower().replace("warning", "warn")
-        return f'time="{when}.{int(record.msecs):03d}Z" level={level} msg="{quoted}"{self._suffix}'
+        # RFC 3339 with nanoseconds, as logrus writes containerd's own lines: the
+        # shim's steps line up with containerd's in one log.
+        nanos = int(record.created * 1e9) % 1_000_000_000
+        return f'time="{when}.{nanos:09d}Z" level={level} msg="{quoted}"{self._suffix}'
 
 
 def open_log_fifo(path: str) -> int:
