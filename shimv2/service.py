@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar, cast
@@ -78,14 +77,22 @@ def _uncancellable(handler: Handler) -> Handler:
 
 @contextlib.contextmanager
 def _process_file(spec_json: bytes, terminal: bool) -> Iterator[str]:
-    """The exec's OCI Process as a temporary file for ``runc exec --process``."""
+    """The exec's OCI Process as a temporary file for ``runc exec --process``
+    (one write: tempfile and a text-mode json.dump cost ~0.4 ms per exec)."""
     spec = json.loads(spec_json)
-    spec["terminal"] = terminal
+    if spec.get("terminal", False) != terminal:
+        spec["terminal"] = terminal
+        spec_json = json.dumps(spec).encode()
     directory = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    fd, path = tempfile.mkstemp(prefix="runc-process", suffix=".json", dir=directory)
+    path = os.path.join(directory, f"runc-process{os.urandom(6).hex()}.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(spec, f)
+        try:
+            view = memoryview(spec_json)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         yield path
     finally:
         with contextlib.suppress(OSError):

@@ -32,6 +32,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from fakes import install_fake_runc, read_records, run_in_subreaper, subcommands
 from google.protobuf import any_pb2, empty_pb2
@@ -1041,3 +1042,20 @@ async def _concurrent_init_start(shim: Shim) -> None:
 
 def test_concurrent_start_of_the_init_publishes_one_exit(tmp_path: Path) -> None:
     run(tmp_path, _concurrent_init_start)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_process_file_for_runc_exec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    from shimv2.service import _process_file
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    spec = json.dumps({"args": ["/bin/true"], "cwd": "/", "terminal": False}).encode()
+    with _process_file(spec, terminal) as path:
+        assert os.path.dirname(path) == str(tmp_path)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        with open(path) as f:
+            written = json.load(f)
+        assert written == {"args": ["/bin/true"], "cwd": "/", "terminal": terminal}
+    assert not os.path.exists(path)
