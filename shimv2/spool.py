@@ -274,6 +274,10 @@ class Sink:
         self.broken = fd < 0
         self._wake = trio.Event()  # for the deliverer: the spool has data
         self._emptied = trio.Event()  # for a writer waiting on a failed spool
+        # The deliverer starts with the first spooled byte: most streams never
+        # spool, and an idle task would cost its start and its cancellation at EOF.
+        self._nursery: trio.Nursery | None = None
+        self._delivering = False
 
     async def run(self, feed: Callable[[Sink], Awaitable[None]]) -> None:
         """Run ``feed(self)`` with the deliverer beside it, then deliver what is left."""
@@ -283,11 +287,15 @@ class Sink:
             return
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._deliver, False)
+                self._nursery = nursery
+                if len(spool):
+                    self._kick()
                 await feed(self)
+                self._nursery = None
                 nursery.cancel_scope.cancel()
             await self._deliver(True)
         finally:
+            self._nursery = None
             spool.close()
 
     # -- feeding ------------------------------------------------------------------
@@ -315,7 +323,7 @@ class Sink:
                     continue
                 if n == 0:
                     return
-                self._wake.set()
+                self._kick()
                 continue
             try:
                 n = os.splice(src, self.fd, _SPLICE_CHUNK, flags=_SPLICE_FLAGS)
@@ -376,7 +384,7 @@ class Sink:
         # Nobody took anything for a while: drain the container into the spool.
         try:
             if spool.fill_from(src):
-                self._wake.set()
+                self._kick()
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -385,8 +393,15 @@ class Sink:
     def _spool_write(self, spool: Spool, view: memoryview) -> int:
         n = spool.write(view)
         if len(spool):
-            self._wake.set()
+            self._kick()
         return n
+
+    def _kick(self) -> None:
+        """The spool has data: wake the deliverer (start it the first time)."""
+        self._wake.set()
+        if not self._delivering and self._nursery is not None:
+            self._delivering = True
+            self._nursery.start_soon(self._deliver, False)
 
     async def _wait_emptied(self) -> None:
         spool = self.spool
