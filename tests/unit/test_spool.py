@@ -300,7 +300,8 @@ async def test_close_removes_the_spool_and_reports_the_unread_bytes(
     io = PipeIO(StdioSpec(stdout=path), spool=SpoolConfig(str(bundle(tmp_path)), owner="c3"))
     end = container_end(io)
     io.start(nursery)
-    await container_writes(end, pattern(2 * MIB))
+    # more than the pipe and the FIFO hold (1 MiB each)
+    await container_writes(end, pattern(4 * MIB))
     spool_file = bundle(tmp_path) / "stdout.spool"
     assert spool_file.exists()
     io.close()  # Delete without a reader ever coming back

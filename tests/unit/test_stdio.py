@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -308,6 +309,19 @@ def test_container_ends_are_owned_by_io_uid_gid(tmp_path: Path) -> None:
             st = os.fstat(fd)
             assert (target, st.st_uid, st.st_gid) == (target, 1000, 2000)
     finally:
+        io.close()
+
+
+def test_both_ends_of_an_output_copy_get_big_pipe_buffers(tmp_path: Path) -> None:
+    """1 MiB on the container's pipe and on the client's FIFO: fewer wake-ups per byte."""
+    path = mkfifo(tmp_path, "out")
+    io = PipeIO(StdioSpec(stdout=path))
+    reader = client_reader(path)
+    try:
+        assert fcntl.fcntl(io.runc_fds()[1], fcntl.F_GETPIPE_SZ) == 1 << 20
+        assert fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ) == 1 << 20  # one pipe, both ends
+    finally:
+        os.close(reader)
         io.close()
 
 
