@@ -156,6 +156,8 @@ class Container:
     def close(self) -> None:
         """Release stdio and stop background work; the container is gone."""
         self.exit_file.close()
+        if self.cgroup is not None:
+            self.cgroup.close()
         for process in [self.init, *self.execs.values()]:
             if process.io is not None:
                 process.io.close()

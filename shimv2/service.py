@@ -419,6 +419,8 @@ class TaskService:
 
     def _watch_cgroup(self, container: Container) -> None:
         """Find the container's cgroup (for Stats) and arm the OOM watcher right away."""
+        if container.cgroup is not None:
+            container.cgroup.close()  # it keeps its OOM counter file open
         try:
             container.cgroup = cgroups.detect(container.init.pid)
         except (OSError, cgroups.CgroupError) as exc:
@@ -677,15 +679,9 @@ class TaskService:
 
     async def wait(self, req: api.WaitRequest, ctx: RequestContext) -> api.WaitResponse:
         _, process = self._process(req.id, req.exec_id)
-        async with trio.open_nursery() as nursery:
-
-            async def stop_on_disconnect() -> None:
-                await ctx.disconnected.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(stop_on_disconnect)
-            await process.exited.wait()
-            nursery.cancel_scope.cancel()
+        if not process.exited.is_set():
+            with ctx.cancel_on_disconnect():
+                await process.exited.wait()
         if not process.exited.is_set():
             raise TTRPCError(Code.CANCELLED, "connection closed")
         return api.WaitResponse(

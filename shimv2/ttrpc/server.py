@@ -13,14 +13,15 @@ Rules that matter for a shim (spec/ttrpc.md §7, pitfalls 2, 3, 17):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -75,6 +76,24 @@ class RequestContext:
     deadline: float | None  # in trio.current_time() units; None = no timeout_nano
     peer_pid: int
     disconnected: trio.Event  # set when the connection this request came on ends
+    # Cancel scopes of this connection's requests to cancel when it ends.
+    _disconnect_scopes: set[trio.CancelScope] = field(default_factory=set, repr=False)
+
+    @contextlib.contextmanager
+    def cancel_on_disconnect(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope cancelled when the connection ends (at once if it has):
+        for a call that blocks until something happens, like Wait. A task watching
+        ``disconnected`` would cost its start and its cancellation (two scheduler
+        passes) at the answer."""
+        scope = trio.CancelScope()
+        if self.disconnected.is_set():
+            scope.cancel()
+        self._disconnect_scopes.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._disconnect_scopes.discard(scope)
 
 
 def peer_credentials(sock: trio.socket.SocketType | socket.socket) -> tuple[int, int, int]:
@@ -98,27 +117,58 @@ class _Connection:
     def __init__(self, stream: trio.SocketStream, peer_pid: int) -> None:
         self.stream = stream
         self.peer_pid = peer_pid
+        # Used with os.read/os.write only while `disconnected` is not set: close()
+        # sets it before the socket (and so this fd number) is released.
+        self.fd = stream.socket.fileno()
         self.write_lock = trio.Lock()
         self.disconnected = trio.Event()
+        self.disconnect_scopes: set[trio.CancelScope] = set()  # see cancel_on_disconnect
 
     def close(self) -> None:
         self.disconnected.set()
+        for scope in self.disconnect_scopes:
+            scope.cancel()
         # Closing the trio socket wakes a task blocked on it with ClosedResourceError.
         self.stream.socket.close()
 
     async def send(self, frame: bytes) -> None:
         """Write one whole frame; silently drop it once the peer is gone."""
-        async with self.write_lock:
-            if self.disconnected.is_set():
-                return
+        if self.disconnected.is_set():
+            return
+        try:
+            self.write_lock.acquire_nowait()
+        except trio.WouldBlock:
+            async with self.write_lock:  # another frame is half-written: queue up
+                await self._send_all(frame)
+            return
+        # The usual case: nobody is mid-frame and the socket buffer takes the whole
+        # frame in one write(2), with no await (a trio.Lock and a trio send each cost
+        # a pass of the scheduler; with the read loop's, ~0.015 ms per request here).
+        try:
             try:
-                await self.stream.send_all(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                sent = os.write(self.fd, frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # EPIPE (Python ignores SIGPIPE), ECONNRESET: the peer is gone
                 self.close()
-            except BaseException:
-                # Cancelled mid-frame: the byte stream can no longer be trusted.
-                self.close()
-                raise
+                return
+            if sent < len(frame):
+                await self._send_all(memoryview(frame)[sent:])
+        finally:
+            self.write_lock.release()
+
+    async def _send_all(self, data: bytes | memoryview) -> None:
+        """The rest of a frame, under ``write_lock``."""
+        if self.disconnected.is_set():
+            return
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close()
+        except BaseException:
+            # Cancelled mid-frame: the byte stream can no longer be trusted.
+            self.close()
+            raise
 
 
 class Server:
@@ -214,14 +264,28 @@ class Server:
 
     async def _read_loop(self, conn: _Connection, handlers: trio.Nursery) -> None:
         decoder = FrameDecoder()
+        # read(2) first, wait only when there is nothing: trio's receive_some adds a
+        # scheduler pass after every successful read; we yield only when a read
+        # found data without waiting (a peer that never pauses must not starve us).
+        waited = True
         try:
-            while not decoder.at_eof:
-                data = await conn.stream.receive_some(_READ_SIZE)
+            while not decoder.at_eof and not conn.disconnected.is_set():
+                try:
+                    data = os.read(conn.fd, _READ_SIZE)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(conn.fd)
+                    waited = True
+                    continue
+                except OSError:
+                    break  # ECONNRESET: same as EOF
+                if not waited:
+                    await trio.lowlevel.checkpoint()
+                waited = False
                 decoder.feed(data)
                 while (event := decoder.next_event()) is not None:
                     self._on_event(conn, event, handlers)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # ECONNRESET or closed by a failed write: same as EOF
+        except trio.ClosedResourceError:
+            pass  # closed by a failed write: same as EOF
         finally:
             # Like Go: the peer went away, so stop and close; handlers keep running.
             conn.close()
@@ -283,6 +347,7 @@ class Server:
             deadline=deadline,
             peer_pid=conn.peer_pid,
             disconnected=conn.disconnected,
+            _disconnect_scopes=conn.disconnect_scopes,
         )
         try:
             payload = await self._dispatch(req, ctx)

@@ -1022,3 +1022,19 @@ def test_join_cgroups_without_a_mount_for_a_hierarchy_fails(tmp_path: Path) -> N
         cgroups.join_cgroups(
             "9:bogus:/x\n", pid=1, mountinfo=str(mountinfo), own_cgroup_file=str(own)
         )
+
+
+def test_kv_reader_rereads_one_open_file(tmp_path: Path) -> None:
+    path = tmp_path / "memory.events"
+    path.write_text("oom 0\noom_kill 0\n")
+    reader = cgroups._KvReader(str(path))
+    assert reader.read() == {"oom": 0, "oom_kill": 0}
+    with open(path, "r+") as f:  # the kernel rewrites a cgroup file in place
+        f.write("oom 1\noom_kill 2\n")
+    assert reader.read() == {"oom": 1, "oom_kill": 2}
+    reader.close()
+    assert reader.read() == {"oom": 1, "oom_kill": 2}  # closed: read without an fd
+    assert reader._fd < 0
+    path.unlink()
+    assert reader.read() is None
+    assert cgroups._KvReader(str(tmp_path / "gone")).read() is None

@@ -14,17 +14,26 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shimv2.api.ttrpc.request_pb2 import Request, Response
-from shimv2.ttrpc import Code, Server
+from shimv2.ttrpc import Code, Method, RequestContext, Server
 from shimv2.ttrpc import server as server_mod
 from shimv2.ttrpc.server import credentials_allowed, peer_credentials
 from shimv2.ttrpc.wire import Frame, FrameDecoder, MessageType, encode_frame, encode_request
 
-from .helpers import SERVICE, TIMEOUT, connected, listening, make_server, served_pair
+from .helpers import (
+    SERVICE,
+    TIMEOUT,
+    EchoService,
+    connected,
+    listening,
+    make_server,
+    served_pair,
+)
 
 
 def assert_status(resp: Response, code: Code, message: str | None = None) -> None:
@@ -548,3 +557,34 @@ async def test_fuzz_server_survives_any_well_framed_input(frames) -> None:
             if sid == sentinel and not resp.HasField("status"):
                 assert StringValue.FromString(resp.payload).value == "alive"
                 break
+
+
+async def test_cancel_on_disconnect_ends_a_blocked_handler(tmp_path) -> None:
+    # How the shim's Wait blocks: no watcher task, the connection cancels the scope.
+    seen: list[RequestContext] = []
+    ended = trio.Event()
+
+    async def wait_like(req: Empty, ctx: RequestContext) -> Empty:
+        seen.append(ctx)
+        with ctx.cancel_on_disconnect() as scope:
+            await trio.sleep_forever()
+        assert scope.cancelled_caught
+        ended.set()
+        return Empty()
+
+    svc = EchoService()
+    server = Server()
+    server.register_service(SERVICE, {**svc.methods(), "WaitLike": Method(Empty, wait_like)})
+    async with listening(server, str(tmp_path / "s.sock")) as path:
+        async with connected(path) as peer:
+            await peer.request(1, "WaitLike")
+            await peer.echo_ok(3)  # the blocked call does not stall others
+            assert len(seen) == 1
+        with trio.fail_after(TIMEOUT):
+            await ended.wait()
+        # Entered after the connection ended: cancelled at once.
+        with trio.fail_after(TIMEOUT), seen[0].cancel_on_disconnect() as scope:
+            await trio.sleep_forever()
+        assert scope.cancelled_caught
+        async with connected(path) as peer2:
+            await peer2.echo_ok(1)
