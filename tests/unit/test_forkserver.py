@@ -430,6 +430,44 @@ def test_the_daemon_takes_over_the_callers_umask_and_rlimits(
             Path(socket_path).unlink(missing_ok=True)
 
 
+def test_containerd_2_start_input_reaches_the_command(
+    server: Server, tmp_path: Path, client: str
+) -> None:
+    """containerd 2.3 writes BootstrapParams to start's stdin and reads a
+    BootstrapResult: through the server, stdin and stdout are the caller's."""
+    from shimv2.api.containerd.runtime.bootstrap.v1 import bootstrap_pb2
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    os.mkfifo(bundle / "log", 0o700)
+    log_reader = os.open(bundle / "log", os.O_RDWR | os.O_NONBLOCK)
+    namespace = f"unitfs-{os.getpid()}"
+    socket_dir = server.dir.parent / "s"  # short: a unix socket path ends at 108 bytes
+    params = bootstrap_pb2.BootstrapParams(
+        instance_id="t1", namespace=namespace, socket_dir=str(socket_dir)
+    ).SerializeToString()
+    argv = [client, "-namespace", namespace, "-address", f"/tmp/{os.urandom(8).hex()}/c.sock"]
+    env = {k: v for k, v in _env(server.dir).items() if k != "TTRPC_ADDRESS"}
+    result = subprocess.run(
+        [*argv, "-id", "t1", "start"], cwd=bundle, env=env, input=params,
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    pid = bundlefiles.read_pid(str(bundle / "shim.pid"))
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "start runs in child" in server.log_text()
+        answer = bootstrap_pb2.BootstrapResult.FromString(result.stdout)
+        assert answer.protocol == "ttrpc"
+        assert answer.address.startswith(f"unix://{socket_dir}/")
+        assert Path(answer.address.removeprefix("unix://")).is_socket()
+    finally:
+        if pid > 0:
+            os.kill(pid, signal.SIGKILL)
+        os.close(log_reader)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
 def test_both_clients_send_the_same_request(server_dir: Path, tmp_path: Path) -> None:
     if not NATIVE:
         pytest.skip("the venv was built without a C compiler: no native launcher")
