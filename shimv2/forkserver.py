@@ -55,9 +55,20 @@ MAGIC = b"pyshim-forkserver 3"
 MAX_REQUEST = 1 << 20
 # The caller's stdin, stdout, stderr and working directory, in this order.
 PASSED_FDS = 4
-NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
+NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
 # /proc/PID/status fields that must match: a confined caller stays confined.
-CONFINEMENT = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
+CONFINEMENT = (
+    "CapInh",
+    "CapPrm",
+    "CapEff",
+    "CapBnd",
+    "CapAmb",
+    "NoNewPrivs",
+    "Seccomp",
+    "Seccomp_filters",
+)
+# The LSM label (AppArmor, SELinux): /proc/PID/attr/current, and AppArmor's own.
+SECURITY_LABELS = ("attr/current", "attr/apparmor/current")
 # rlimits the child takes over from the caller (containerd's own limits, read
 # with prlimit(2) from the peer).
 RLIMITS = (
@@ -125,21 +136,21 @@ def source_files(package: str = "") -> list[tuple[str, int, int]]:
 
 def version_tag(package: str = "") -> str:
     """Digest of the interpreter and of every source file of this package (path
-    inside the package, size, mtime): any upgrade or edit gives a new server. No
-    absolute paths and mtimes in whole seconds: a package built in a staging
-    directory (build-deb.sh) keeps, once installed, the tag its native launcher
-    was built with. (An edit the tag misses, within the second, the server's own
-    check before every fork does not.)"""
+    inside the package and contents, ~2 ms): any upgrade or edit gives a new
+    server. No absolute paths and no mtimes: a package built in a staging
+    directory (build-deb.sh, also with SOURCE_DATE_EPOCH) keeps, once installed,
+    the tag its native launcher was built with."""
     package = package or os.path.dirname(os.path.realpath(__file__))
     return _digest(package, source_files(package))
 
 
 def _digest(package: str, files: list[tuple[str, int, int]]) -> str:
     digest = _sha256()(f"{PROTOCOL}\0{os.path.realpath(sys.executable)}\0{sys.version}".encode())
-    for path, size, mtime in files:
-        # whole seconds: what a package (tar) keeps; _unchanged compares nanoseconds
-        seconds = mtime // 1_000_000_000
-        digest.update(f"{os.path.relpath(path, package)}\0{size}\0{seconds}\0".encode())
+    for path, _, _ in files:
+        with open(path, "rb") as f:
+            data = f.read()
+        digest.update(f"{os.path.relpath(path, package)}\0{len(data)}\0".encode())
+        digest.update(data)
     return str(digest.hexdigest()[:20])
 
 
@@ -192,8 +203,11 @@ def run(argv: list[str], tag: str = "", timeout: float = 120.0) -> int:
         conn.settimeout(timeout)
         try:
             conn.connect(path)
+            creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
         except OSError as exc:
             raise Unavailable(f"no fork server at {path}: {exc}") from exc
+        if struct.unpack("3i", creds)[1] != os.geteuid():
+            raise Unavailable(f"{path} is served by another user")  # never ours
         cwd_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fds = struct.pack("4i", 0, 1, 2, cwd_fd)
         try:
@@ -279,8 +293,12 @@ _files: list[tuple[str, int, int]] = []  # the source files this server runs
 _own_namespaces: dict[str, int] = {}
 _own_status: dict[str, str] = {}
 PR_SET_PDEATHSIG = 1
-# A spare child tells the server: it took a connection, or found the files changed.
-TOOK, OUT_OF_DATE = b"t", b"o"
+# A spare child tells the server: it took a connection (fork the next spare), then
+# that it serves the request (only those keep an idle server alive: one that
+# refuses every caller goes away); or that the server's files changed.
+TOOK, SERVING, OUT_OF_DATE = b"t", b"s", b"o"
+SO_PEERPIDFD = 77  # Linux 6.5+: a pidfd of the peer, to see that it is still the same
+_own_labels: tuple[str | None, ...] = ()
 
 
 class _Refused(Exception):
@@ -323,6 +341,8 @@ def serve(tag: str) -> int:
     _set_cmdline(f"{os.path.realpath(sys.argv[0])} forkserver {tag}")
     _own_namespaces.update(_namespaces())
     _own_status.update(_status_fields("/proc/self/status"))
+    global _own_labels
+    _own_labels = _security_labels()
     gc.collect()
     gc.freeze()  # the collector never touches (so never copies) these pages again
     import signal
@@ -451,13 +471,14 @@ def _supervise_spares(
         if OUT_OF_DATE in news:
             _log("source files changed: exiting")
             return
-        if TOOK in news:
+        if SERVING in news:
             last_request = time.monotonic()
+        if TOOK in news:
             spare = _fork_spare(listener, notify_w)
-        elif not ready and time.monotonic() - last_request >= idle:
+        if time.monotonic() - last_request >= idle:
             _log("idle: exiting")
             return  # the spare dies with us (PR_SET_PDEATHSIG)
-        elif not ready and not _still_current(path, inode):
+        if not ready and not _still_current(path, inode):
             _log("out of date or replaced: exiting")
             return
         if spare in _reap():  # killed (or crashed) while waiting
@@ -530,20 +551,26 @@ def _spare(listener: _socket.socket, notify_w: int, server: int) -> int:
     for server_fd in _server_fds:
         # A killed server's socket must stop accepting at once, and a new server
         # must get the lock, even while this child runs a long delete.
-        try:
-            os.close(server_fd)
-        except OSError:
-            pass
-    return _serve_connection(conn, fresh)
+        if server_fd != notify_w:  # until we know whether we serve
+            try:
+                os.close(server_fd)
+            except OSError:
+                pass
+    return _serve_connection(conn, fresh, notify_w)
 
 
-def _serve_connection(conn: _socket.socket, fresh: bool) -> int:
-    """In a spare child: check the caller and its request, then run the command."""
+def _serve_connection(conn: _socket.socket, fresh: bool, notify_w: int) -> int:
+    """In a spare child: check the caller and its request, then run the command
+    (and tell the server it did: refused requests do not keep a server alive)."""
     creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
     peer_pid, peer_uid, _ = struct.unpack("3i", creds)
     if peer_uid != os.geteuid():
         _log(f"refusing peer pid={peer_pid} uid={peer_uid}")
         return 0
+    try:  # while it is open, the peer's pid cannot name another process
+        peer_pidfd = conn.getsockopt(_socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        peer_pidfd = -1  # before Linux 6.5: the peer waits for our answer
     conn.settimeout(5.0)
     data, ancillary, msg_flags, _ = conn.recvmsg(MAX_REQUEST, _socket.CMSG_SPACE(4 * 8))
     fds: list[int] = []
@@ -556,10 +583,18 @@ def _serve_connection(conn: _socket.socket, fresh: bool) -> int:
             raise _Refused("the fork server is out of date")
         request = _check_request(data, fds, msg_flags)
         _check_peer(peer_pid, request)
+        if peer_pidfd >= 0 and _exited(peer_pidfd):
+            # It handed its socket on and exited: /proc/<pid> may be someone else now.
+            raise _Refused("the caller is gone")
     except _Refused as exc:
         _log(f"refused pid={peer_pid}: {exc}")
         conn.send(b"refused " + str(exc).encode())
         return 0
+    finally:
+        if peer_pidfd >= 0:
+            os.close(peer_pidfd)
+    os.write(notify_w, SERVING)
+    os.close(notify_w)
     _log(f"pid {peer_pid}: {' '.join(request['argv'][-1:])} runs in child {os.getpid()}")  # type: ignore[index]
     global _log_fd
     try:
@@ -568,6 +603,25 @@ def _serve_connection(conn: _socket.socket, fresh: bool) -> int:
         pass
     _log_fd = -1  # from here on the caller's stderr (fd 2) is ours
     return _run_command(conn, request, fds)
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd reads as readable once its process has exited."""
+    import select
+
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _security_labels(proc: str = "/proc/self") -> tuple[str | None, ...]:
+    labels: list[str | None] = []
+    for name in SECURITY_LABELS:
+        try:
+            labels.append(_read(f"{proc}/{name}").strip("\0\n "))
+        except OSError:
+            labels.append(None)  # no such LSM
+    return tuple(labels)
 
 
 def _check_request(data: bytes, fds: list[int], msg_flags: int) -> dict[str, object]:
@@ -617,6 +671,8 @@ def _check_peer(pid: int, request: dict[str, object]) -> None:
         raise _Refused(f"cannot inspect the caller: {exc}") from exc
     if theirs != _own_namespaces:
         raise _Refused("the caller runs in other namespaces")
+    if _security_labels(f"/proc/{pid}") != _own_labels:
+        raise _Refused("the caller runs under another security label (AppArmor, SELinux)")
     for field in CONFINEMENT:
         if status.get(field) != _own_status.get(field):
             raise _Refused(f"the caller is confined differently ({field})")

@@ -59,12 +59,18 @@ static void run_python(char **argv, int tried)
 {
     if (tried)
         setenv("PYSHIM_FORKSERVER_TRIED", PYSHIM_TAG, 1);
+    static const char deleted[] = " (deleted)";
     char script[PATH_MAX + 4];
     ssize_t n = readlink("/proc/self/exe", script, PATH_MAX);
-    if (n <= 0) {
-        fprintf(stderr, "containerd-shim-pyshim-v2: /proc/self/exe: %s\n", strerror(errno));
+    if (n <= 0 || n >= PATH_MAX) {
+        fprintf(stderr, "containerd-shim-pyshim-v2: cannot resolve /proc/self/exe\n");
         _exit(127);
     }
+    /* Replaced while we waited for the server (an upgrade renamed a new binary
+     * over us): the kernel appends " (deleted)"; the .py next to it is current. */
+    if ((size_t)n > sizeof deleted - 1 &&
+        !memcmp(script + n - (sizeof deleted - 1), deleted, sizeof deleted - 1))
+        n -= sizeof deleted - 1;
     memcpy(script + n, ".py", 4);
     argv[0] = script;
     execv(script, argv);
@@ -168,7 +174,11 @@ int main(int argc, char **argv)
     memcpy(addr.sun_path, server_path, sizeof server_path);
     size_t size;
     char *request = build_request(argc, argv, &size);
+    struct ucred server;
+    socklen_t server_len = sizeof server;
     if (!request || connect(conn, (struct sockaddr *)&addr, sizeof addr) < 0 ||
+        getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &server, &server_len) < 0 ||
+        server.uid != geteuid() || /* a socket someone else put there: never ours */
         send_request(conn, request, size) < 0) {
         close(conn);
         run_python(argv, 1); /* nothing ran */

@@ -321,12 +321,14 @@ class Server:
         except MalformedMessageError as exc:
             reply(Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
             return
-        handlers.start_soon(self._handle, conn, event.stream_id, req)
-
-    async def _handle(self, conn: _Connection, stream_id: int, req: Request) -> None:
+        # Counted from here, not when its task first runs: a request read in the
+        # same batch as a Shutdown is answered before the daemon exits.
         self._in_flight += 1
         if self._drained.is_set():
             self._drained = trio.Event()
+        handlers.start_soon(self._handle, conn, event.stream_id, req)
+
+    async def _handle(self, conn: _Connection, stream_id: int, req: Request) -> None:
         try:
             await self._handle_one(conn, stream_id, req)
         finally:

@@ -8,6 +8,7 @@ by pid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -252,14 +253,20 @@ def test_idle_server_exits_and_cleans_up(server_dir: Path) -> None:
         s.stop()
 
 
-def test_version_tag_follows_the_files(tmp_path: Path) -> None:
+def test_version_tag_follows_the_contents_not_the_mtimes(tmp_path: Path) -> None:
+    """A package keeps its tag through a tar (mtimes) or a relocation (paths)."""
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "a.py").write_text("x = 1\n")
     first = forkserver.version_tag(str(package))
     assert forkserver.version_tag(str(package)) == first
     os.utime(package / "a.py", ns=(1, 1))
-    assert forkserver.version_tag(str(package)) != first
+    assert forkserver.version_tag(str(package)) == first
+    moved = tmp_path / "elsewhere" / "pkg"
+    shutil.copytree(package, moved)
+    assert forkserver.version_tag(str(moved)) == first
+    (moved / "a.py").write_text("x = 2\n")  # same size, other contents
+    assert forkserver.version_tag(str(moved)) != first
     assert forkserver.version_tag() != first
 
 
@@ -313,7 +320,10 @@ def test_a_killed_spare_is_replaced_at_once(server: Server, tmp_path: Path) -> N
 
 
 def _fake_server(
-    directory: Path, answers: list[bytes], received: list[bytes] | None = None
+    directory: Path,
+    answers: list[bytes],
+    received: list[bytes] | None = None,
+    delay: float = 0.0,
 ) -> tuple[socket.socket, threading.Thread]:
     """A socket at the real server's path that takes one request (appended to
     ``received``) and answers ``answers``, then hangs up: a server dying at a
@@ -331,6 +341,7 @@ def _fake_server(
             received.append(data)
         for fd in fds:  # the caller's stdout among them: holding it would keep it open
             os.close(fd)
+        time.sleep(delay)
         for answer in answers:
             conn.send(answer)
         conn.close()
@@ -574,3 +585,112 @@ def test_unchanged_sees_size_and_mtime(tmp_path: Path) -> None:
     os.utime(tmp_path / "a.py", ns=(1, 1))
     assert not forkserver._unchanged(files)
     assert not forkserver._unchanged([(str(tmp_path / "gone.py"), 0, 0)])
+
+
+def test_a_server_that_refuses_everyone_still_goes_idle(server_dir: Path) -> None:
+    s = Server(server_dir, idle="2")
+    try:
+        deadline = time.monotonic() + 8
+        while s.proc.poll() is None and time.monotonic() < deadline:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.connect(str(s.sock))
+                conn.send(b"garbage")
+                assert conn.recv(200).startswith(b"refused ")
+            conn.close()
+            time.sleep(0.3)
+        assert s.proc.poll() == 0, "refused requests kept the server alive"
+    finally:
+        s.stop()
+
+
+def test_clients_never_talk_to_a_server_of_another_user(
+    server_dir: Path, tmp_path: Path, client: str
+) -> None:
+    """A socket someone else put where the server's would be gets nothing."""
+    server_dir.mkdir(mode=0o777)
+    server_dir.chmod(0o777)
+    server_dir.parent.chmod(0o755)
+    path = forkserver.paths(str(server_dir), forkserver.version_tag())[0]
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: the impostor
+        try:
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            listener.bind(path)
+            listener.listen(1)
+            os.write(ready_w, b"x")
+            listener.settimeout(10)
+            conn, _ = listener.accept()
+            conn.settimeout(2)
+            try:
+                data = conn.recv(1 << 20)
+            except OSError:
+                data = b""
+            conn.send(b"exit 0")
+            os.write(ready_w, b"got" if data else b"nothing")
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        result = run_delete(make_bundle(tmp_path), _env(server_dir), binary=client)
+        assert result.returncode == 0, result.stderr
+        assert shim_pb2.DeleteResponse.FromString(result.stdout).exit_status == 7
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+
+
+def test_the_native_launcher_replaced_while_it_waits_still_falls_back(tmp_path: Path) -> None:
+    """An upgrade renames a new binary over the one that runs: /proc/self/exe then
+    ends in " (deleted)", and the Python launcher next to it must still be found."""
+    if not NATIVE:
+        pytest.skip("the venv was built without a C compiler: no native launcher")
+    base = Path(tempfile.mkdtemp(prefix="fsr-", dir="/tmp"))
+    try:
+        binary = base / "shim"
+        shutil.copy2(BINARY, binary)
+        shutil.copy2(PYTHON_LAUNCHER, f"{binary}.py")
+        # answers nothing and hangs up, a second after the request
+        listener, thread = _fake_server(base / "d", [], delay=1.0)
+        env = _env(base / "d")
+        bundle = make_bundle(tmp_path)
+        argv = [str(binary), "-namespace", "unitns", "-id", "t1", "-bundle", str(bundle), "delete"]
+        proc = subprocess.Popen(
+            argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        time.sleep(0.3)  # it waits for the server's answer now
+        shutil.copy2(BINARY, base / "shim.new")
+        os.rename(base / "shim.new", binary)  # the upgrade
+        thread.join(10)
+        listener.close()
+        stdout, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0, stderr
+        assert shim_pb2.DeleteResponse.FromString(stdout).exit_status == 7
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_pidfd_tells_a_caller_that_is_gone() -> None:
+    """The spare refuses a peer that exited after connecting (its pid may be reused)."""
+    child = subprocess.Popen(["sleep", "30"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        assert not forkserver._exited(pidfd)
+        child.kill()
+        child.wait(10)
+        assert forkserver._exited(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def test_security_labels_are_compared_like_namespaces() -> None:
+    labels = forkserver._security_labels()
+    assert len(labels) == len(forkserver.SECURITY_LABELS)
+    assert forkserver._security_labels(f"/proc/{os.getpid()}") == labels
