@@ -667,6 +667,8 @@ def _check_peer(pid: int, request: dict[str, object]) -> None:
         }
         request["cgroup"] = _read(f"/proc/{pid}/cgroup")
         request["umask"] = int(status["Umask"], 8)
+        request["nice"] = os.getpriority(os.PRIO_PROCESS, pid)
+        request["affinity"] = os.sched_getaffinity(pid)
     except (OSError, KeyError, ValueError) as exc:
         raise _Refused(f"cannot inspect the caller: {exc}") from exc
     if theirs != _own_namespaces:
@@ -749,10 +751,17 @@ def _run_command(conn: _socket.socket, request: dict[str, object], fds: list[int
 
 
 def _adopt_context(request: dict[str, object]) -> None:
-    """Session, rlimits, umask and cgroups of the caller."""
+    """Session, rlimits, umask, nice value, CPU affinity and cgroups of the caller
+    (containerd's unit may set Nice= or CPUAffinity= after the server started)."""
     import resource
 
     os.setsid()
+    nice = request.get("nice")
+    if isinstance(nice, int) and nice != os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)  # raising it needs CAP_SYS_NICE: else refused
+    affinity = request.get("affinity")
+    if isinstance(affinity, set) and affinity != os.sched_getaffinity(0):
+        os.sched_setaffinity(0, affinity)
     limits = request.get("rlimits")
     if isinstance(limits, dict):
         for name, (soft, hard) in limits.items():

@@ -409,7 +409,7 @@ def test_a_context_it_cannot_take_over_is_refused_after_the_ack(
     assert answer.startswith(b"refused cannot take over the caller's context"), answer
 
 
-def test_the_daemon_takes_over_the_callers_umask_and_rlimits(
+def test_the_daemon_takes_over_the_callers_umask_rlimits_nice_and_affinity(
     server: Server, tmp_path: Path, client: str
 ) -> None:
     """Read from /proc/<peer> by the server, not sent by the client."""
@@ -423,7 +423,7 @@ def test_the_daemon_takes_over_the_callers_umask_and_rlimits(
     argv = f"{client} -namespace unitfs-{os.getpid()} -address /tmp/{os.urandom(8).hex()}/c.sock"
     env = {k: v for k, v in _env(server.dir).items() if k != "TTRPC_ADDRESS"}
     result = subprocess.run(
-        ["sh", "-c", f"umask 027; ulimit -S -n 777; exec {argv} -id t1 start"],
+        ["sh", "-c", f"umask 027; ulimit -S -n 777; exec nice -n 3 taskset -c 0 {argv} -id t1 start"],  # noqa: E501
         cwd=bundle, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
     )  # fmt: skip
     pid = bundlefiles.read_pid(str(bundle / "shim.pid"))
@@ -432,6 +432,8 @@ def test_the_daemon_takes_over_the_callers_umask_and_rlimits(
         assert "start runs in child" in server.log_text()
         assert forkserver._status_fields(f"/proc/{pid}/status")["Umask"] == "0027"
         assert resource.prlimit(pid, resource.RLIMIT_NOFILE)[0] == 777
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 3
+        assert os.sched_getaffinity(pid) == {0}
     finally:
         if pid > 0:
             os.kill(pid, signal.SIGKILL)
