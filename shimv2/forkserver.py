@@ -10,12 +10,13 @@ binary (a small C program, shimv2/launcher.c, or where no compiler was found
 the Python launcher: see shimv2.launcher) sends its command line and
 environment, and its stdin/stdout/stderr/working directory over SCM_RIGHTS.
 The spare takes the connection (the server forks the next one), adopts the
-caller's session, cgroups, rlimits and umask (read from the kernel, /proc/PID
-of the peer), runs the very same ``cli.main`` the caller would have run, and
-answers with its exit status. After a ``start`` it then becomes that shim's
-daemon itself: no fork, no exec, no imports, the frozen pages shared
-copy-on-write with its siblings. Its parent is the server (which reaps it)
-instead of init; nothing else tells it from a daemon started directly.
+caller's session, cgroups, rlimits, umask, nice value and CPU affinity (read
+from the kernel, /proc/PID of the peer), runs the very same ``cli.main`` the
+caller would have run, and answers with its exit status. After a ``start``
+it then becomes that shim's daemon itself: no fork, no exec, no imports, the
+frozen pages shared copy-on-write with its siblings. Its parent is the server
+(which reaps it) instead of init; nothing else tells it from a daemon started
+directly.
 
 Rules that keep it safe:
 
