@@ -58,7 +58,7 @@ def _listener(flags: Flags) -> socket.socket:
 def _socket_path(flags: Flags, listener: socket.socket) -> str:
     """The socket file to remove at exit, known at start-up (in a grouped shim our
     cwd bundle may be deleted first). The listener's own name comes first: a
-    daemon forked by the fork server runs before ``start`` has written ``address``."""
+    spawned daemon can run before ``start`` has written ``address``."""
     if flags.socket:
         return flags.socket
     with contextlib.suppress(OSError):

@@ -413,7 +413,7 @@ def _log(message: str) -> None:
 
 def _preload() -> None:
     """Everything the commands and the daemon import, also lazily."""
-    import resource  # noqa: F401  (fork_daemon's _max_fd, _check_peer)
+    import resource  # noqa: F401  (_max_fd, _check_peer, _adopt_context)
     import select  # noqa: F401
 
     import trio
