@@ -30,6 +30,7 @@ log = logging.getLogger("shimv2")
 
 PR_SET_CHILD_SUBREAPER = 36
 LISTENER_FD = 3
+LISTEN_BACKLOG = 4096  # as the Go shim (net.Listen: somaxconn); see manager.py
 EVENT_FLUSH_TIMEOUT = 5.0
 SHUTDOWN_REPLY_TIMEOUT = 0.05
 
@@ -46,7 +47,7 @@ def _listener(flags: Flags) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(flags.socket)
         os.chmod(flags.socket, 0o600)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
         return sock
     sock = socket.socket(fileno=LISTENER_FD)
     # Inherited as fd 3 on purpose, but runc and hooks must not get it: one that

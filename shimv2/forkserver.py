@@ -86,9 +86,11 @@ RLIMITS = (
     "RLIMIT_NICE",
     "RLIMIT_RTPRIO",
 )
-# Room in the server's own argv area for a daemon's command line (_set_cmdline).
+# Room in the server's own argv area for a daemon's command line (_set_argv).
 TITLE_ROOM = 2048
 LOG_LIMIT = 1 << 20
+# A burst of starts and deletes queues instead of failing (as the shims' sockets).
+LISTEN_BACKLOG = 4096
 
 #: Set in a child of the fork server: the pid of the process that asked and of
 #: its parent (containerd); ``start`` then becomes its daemon instead of spawning it.
@@ -443,7 +445,7 @@ def _bind(path: str) -> _socket.socket:
     listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     listener.bind(tmp)
     os.chmod(tmp, 0o600)
-    listener.listen(64)
+    listener.listen(LISTEN_BACKLOG)
     os.rename(tmp, path)  # appears only once it accepts
     return listener
 

@@ -34,6 +34,9 @@ GROUP_ANNOTATIONS = (
     "io.kubernetes.cri.sandbox-id",
 )
 _UNIX_PREFIX = "unix://"
+# As the Go shim (net.Listen takes somaxconn, 4096): a burst of connects queues
+# instead of failing with EAGAIN.
+LISTEN_BACKLOG = 4096
 
 
 class StartError(Exception):
@@ -90,7 +93,7 @@ def bind_socket(path: str) -> socket.socket | None:
                 os.unlink(path)  # stale socket of a dead shim
             continue
         os.chmod(path, 0o600)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
         return sock
     raise StartError(f"socket {path} is in use")
 

@@ -8,7 +8,15 @@ Rules that matter for a shim (spec/ttrpc.md §7, pitfalls 2, 3, 17):
   connection is never closed for it (containerd would take that as "shim died");
 * handler tasks live in a nursery owned by the server, not by the connection:
   a peer hanging up only sets ``ctx.disconnected`` and discards the answer,
-  it never cancels a half-done ``Create``.
+  it never cancels a half-done ``Create``;
+* back-pressure: a connection owes at most MAX_IN_FLIGHT answers (and
+  MAX_PENDING_BYTES of requests and unwritten answers); past that it is not
+  read until answers went out, so a peer that never reads costs a bounded
+  amount of memory and the kernel's socket buffers make its writes block.
+  A request that waits for an event (``Wait``, in ``ctx.cancel_on_disconnect``)
+  is "parked" and does not count there: containerd keeps one per process on
+  the same connection, and they must never hold up other calls. Only the
+  total, parked included, has a bound (MAX_OWED), far above any real use.
 """
 
 from __future__ import annotations
@@ -52,6 +60,11 @@ __all__ = [
 log = logging.getLogger("shimv2.ttrpc")
 
 _READ_SIZE = 64 * 1024
+# Per-connection back-pressure (see the module docstring). Go's server stops
+# reading once its single writer blocks; these bounds allow some pipelining.
+MAX_IN_FLIGHT = 64  # answers owed, parked requests excepted
+MAX_PENDING_BYTES = 1 << 20  # their requests' data and unwritten answer frames
+MAX_OWED = 1024  # answers owed, parked included (a parked Wait costs ~5 KiB)
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _BACKOFF_MIN = 0.001
 _BACKOFF_MAX = 1.0
@@ -78,22 +91,29 @@ class RequestContext:
     disconnected: trio.Event  # set when the connection this request came on ends
     # Cancel scopes of this connection's requests to cancel when it ends.
     _disconnect_scopes: set[trio.CancelScope] = field(default_factory=set, repr=False)
+    _connection: _Connection | None = field(default=None, repr=False)
 
     @contextlib.contextmanager
     def cancel_on_disconnect(self) -> Iterator[trio.CancelScope]:
         """A cancel scope cancelled when the connection ends (at once if it has):
         for a call that blocks until something happens, like Wait. A task watching
         ``disconnected`` would cost its start and its cancellation (two scheduler
-        passes) at the answer."""
+        passes) at the answer. Inside it the request is parked: it no longer
+        counts toward the connection's in-flight bound (see the module docstring)."""
         scope = trio.CancelScope()
         if self.disconnected.is_set():
             scope.cancel()
         self._disconnect_scopes.add(scope)
+        conn = self._connection
+        if conn is not None:
+            conn.park(1)
         try:
             with scope:
                 yield scope
         finally:
             self._disconnect_scopes.discard(scope)
+            if conn is not None:
+                conn.park(-1)
 
 
 def peer_credentials(sock: trio.socket.SocketType | socket.socket) -> tuple[int, int, int]:
@@ -123,9 +143,46 @@ class _Connection:
         self.write_lock = trio.Lock()
         self.disconnected = trio.Event()
         self.disconnect_scopes: set[trio.CancelScope] = set()  # see cancel_on_disconnect
+        # Back-pressure accounting: answers owed (parked ones apart), and the bytes
+        # of their requests plus of answer frames not yet written.
+        self.in_flight = 0
+        self.parked = 0
+        self.pending_bytes = 0
+        self._room = trio.Event()  # set by release/park when the reader may go on
+
+    @property
+    def over_bound(self) -> bool:
+        return (
+            self.in_flight >= MAX_IN_FLIGHT
+            or self.pending_bytes >= MAX_PENDING_BYTES
+            or self.in_flight + self.parked >= MAX_OWED
+        )
+
+    def acquire(self, nbytes: int) -> None:
+        """An answer is owed from now on, for a request of ``nbytes``."""
+        self.in_flight += 1
+        self.pending_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        """That answer was written (or dropped with the connection)."""
+        self.in_flight -= 1
+        self.pending_bytes -= nbytes
+        self._room.set()
+
+    def park(self, delta: int) -> None:
+        self.in_flight -= delta
+        self.parked += delta
+        self._room.set()
+
+    async def wait_for_room(self) -> None:
+        """Block the reader while over a bound; return early if the peer is gone."""
+        while self.over_bound and not self.disconnected.is_set():
+            self._room = trio.Event()
+            await self._room.wait()
 
     def close(self) -> None:
         self.disconnected.set()
+        self._room.set()
         for scope in self.disconnect_scopes:
             scope.cancel()
         # Closing the trio socket wakes a task blocked on it with ClosedResourceError.
@@ -138,8 +195,13 @@ class _Connection:
         try:
             self.write_lock.acquire_nowait()
         except trio.WouldBlock:
-            async with self.write_lock:  # another frame is half-written: queue up
-                await self._send_all(frame)
+            # Another frame is half-written: queue up, counted as pending.
+            self.pending_bytes += len(frame)
+            try:
+                async with self.write_lock:
+                    await self._send_all(frame)
+            finally:
+                self.pending_bytes -= len(frame)
             return
         # The usual case: nobody is mid-frame and the socket buffer takes the whole
         # frame in one write(2), with no await (a trio.Lock and a trio send each cost
@@ -153,7 +215,12 @@ class _Connection:
                 self.close()
                 return
             if sent < len(frame):
-                await self._send_all(memoryview(frame)[sent:])
+                rest = len(frame) - sent
+                self.pending_bytes += rest  # the peer is not reading fast enough
+                try:
+                    await self._send_all(memoryview(frame)[sent:])
+                finally:
+                    self.pending_bytes -= rest
         finally:
             self.write_lock.release()
 
@@ -282,7 +349,16 @@ class Server:
                     await trio.lowlevel.checkpoint()
                 waited = False
                 decoder.feed(data)
-                while (event := decoder.next_event()) is not None:
+                while True:
+                    if conn.over_bound:
+                        # Back-pressure: the rest waits in the decoder (at most one
+                        # read), then in the kernel, and the peer's writes block.
+                        await conn.wait_for_room()
+                        if conn.disconnected.is_set():
+                            break
+                    event = decoder.next_event()
+                    if event is None:
+                        break
                     self._on_event(conn, event, handlers)
         except trio.ClosedResourceError:
             pass  # closed by a failed write: same as EOF
@@ -295,10 +371,12 @@ class Server:
     def _on_event(
         self, conn: _Connection, event: Frame | OversizedFrame, handlers: trio.Nursery
     ) -> None:
-        # Replies are written from tasks so the reader never blocks on a write.
+        # Replies are written from tasks so the reader never blocks on a write;
+        # each is owed like an answer, so a flood of bad frames is bounded too.
         def reply(code: Code, message: str) -> None:
             frame = encode_response(event.stream_id, status=Status(code=code, message=message))
-            handlers.start_soon(conn.send, frame)
+            conn.acquire(0)
+            handlers.start_soon(self._reply, conn, frame)
 
         if isinstance(event, OversizedFrame):
             reply(
@@ -326,12 +404,21 @@ class Server:
         self._in_flight += 1
         if self._drained.is_set():
             self._drained = trio.Event()
-        handlers.start_soon(self._handle, conn, event.stream_id, req)
+        cost = len(event.data)
+        conn.acquire(cost)
+        handlers.start_soon(self._handle, conn, event.stream_id, req, cost)
 
-    async def _handle(self, conn: _Connection, stream_id: int, req: Request) -> None:
+    async def _reply(self, conn: _Connection, frame: bytes) -> None:
+        try:
+            await conn.send(frame)
+        finally:
+            conn.release(0)
+
+    async def _handle(self, conn: _Connection, stream_id: int, req: Request, cost: int) -> None:
         try:
             await self._handle_one(conn, stream_id, req)
         finally:
+            conn.release(cost)
             self._in_flight -= 1
             if not self._in_flight:
                 self._drained.set()
@@ -350,6 +437,7 @@ class Server:
             peer_pid=conn.peer_pid,
             disconnected=conn.disconnected,
             _disconnect_scopes=conn.disconnect_scopes,
+            _connection=conn,
         )
         try:
             payload = await self._dispatch(req, ctx)

@@ -161,6 +161,22 @@ def test_bind_socket_listens_with_mode_0600(sock_dir: Path) -> None:
         sock.close()
 
 
+def test_bind_socket_backlog_takes_a_burst_of_connects(sock_dir: Path) -> None:
+    """200 clients connecting at once all get in, none accepted yet (Go: 4096)."""
+    sock = manager.bind_socket(str(sock_dir / "a"))
+    assert sock is not None
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            clients.append(client)
+            client.connect(str(sock_dir / "a"))  # EAGAIN once the backlog is full
+    finally:
+        for client in clients:
+            client.close()
+        sock.close()
+
+
 def test_bind_socket_replaces_a_stale_socket(sock_dir: Path) -> None:
     sock_dir.mkdir()
     path = sock_dir / "a"

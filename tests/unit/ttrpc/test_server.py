@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 from hypothesis import HealthCheck, given, settings
@@ -29,6 +30,7 @@ from .helpers import (
     SERVICE,
     TIMEOUT,
     EchoService,
+    Peer,
     connected,
     listening,
     make_server,
@@ -400,6 +402,191 @@ async def test_listener_closed_ends_serve(tmp_path) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, sock)
             sock.close()
+
+
+# --- back-pressure ----------------------------------------------------------
+
+
+class Holding(EchoService):
+    """Adds calls that wait for ``go``: one counted as in flight, one parked
+    (waits inside ``cancel_on_disconnect``, as the shim's Wait does); and
+    counts every call it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = trio.Event()
+        self.calls = 0
+        self.held = 0
+        self.parked = 0
+
+    async def hold(self, req: Empty, ctx: RequestContext) -> Empty:
+        self.held += 1
+        await self.go.wait()
+        return Empty()
+
+    async def park(self, req: Empty, ctx: RequestContext) -> Empty:
+        self.parked += 1
+        with ctx.cancel_on_disconnect():
+            await self.go.wait()
+        return Empty()
+
+    def methods(self) -> dict[str, Method]:
+        methods = {
+            **super().methods(),
+            "Hold": Method(Empty, self.hold),
+            "Park": Method(Empty, self.park),
+        }
+        return {
+            name: Method(m.request_type, self._counted(m.handler)) for name, m in methods.items()
+        }
+
+    def _counted(self, handler):  # type: ignore[no-untyped-def]
+        async def counted(req, ctx):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            return await handler(req, ctx)
+
+        return counted
+
+
+def holding_server() -> tuple[Server, Holding]:
+    svc = Holding()
+    server, _ = make_server(svc)
+    return server, svc
+
+
+async def settle() -> None:
+    """Until every task waits on I/O or an event: the server took all it will take."""
+    with trio.fail_after(TIMEOUT):
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+
+
+async def read_all(peer: Peer, count: int) -> dict[int, Response]:
+    got: dict[int, Response] = {}
+    for _ in range(count):
+        sid, resp = await peer.response()
+        assert sid not in got
+        got[sid] = resp
+    return got
+
+
+@asynccontextmanager
+async def sending(peer: Peer, data: bytes) -> AsyncIterator[trio.Event]:
+    """Send ``data`` in the background; the event is set once all of it was taken."""
+    sent = trio.Event()
+
+    async def send() -> None:
+        await peer.send(data)
+        sent.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        yield sent
+        nursery.cancel_scope.cancel()
+
+
+async def test_reading_stops_at_the_in_flight_bound(monkeypatch) -> None:
+    monkeypatch.setattr(server_mod, "MAX_IN_FLIGHT", 4)
+    server, svc = holding_server()
+    async with served_pair(server) as peer:
+        for sid in range(1, 20, 2):
+            await peer.request(sid, "Hold")  # all fit in the socket buffer
+        await settle()
+        assert svc.held == 4  # the other 6 stay unread
+        svc.go.set()
+        got = await read_all(peer, 10)
+        assert sorted(got) == list(range(1, 20, 2))  # nothing accepted is dropped
+        assert all(not r.HasField("status") for r in got.values())
+        await peer.echo_ok(21)
+
+
+async def test_parked_requests_do_not_hold_up_others(monkeypatch) -> None:
+    monkeypatch.setattr(server_mod, "MAX_IN_FLIGHT", 4)
+    server, svc = holding_server()
+    async with served_pair(server) as peer:
+        for sid in range(1, 40, 2):
+            await peer.request(sid, "Park")  # 20 Waits, 5 times the bound
+        await peer.echo_ok(41)
+        assert svc.parked == 20
+        svc.go.set()
+        assert sorted(await read_all(peer, 20)) == list(range(1, 40, 2))
+
+
+async def test_parked_requests_count_toward_the_total_bound(monkeypatch) -> None:
+    monkeypatch.setattr(server_mod, "MAX_OWED", 3)
+    server, svc = holding_server()
+    async with served_pair(server) as peer:
+        for sid in range(1, 10, 2):
+            await peer.request(sid, "Park")
+        await peer.request(11, "Echo", StringValue(value="later").SerializeToString())
+        await settle()
+        assert svc.parked == 3  # the fourth Wait and the Echo are not read yet
+        svc.go.set()
+        got = await read_all(peer, 6)
+        assert StringValue.FromString(got[11].payload).value == "later"
+
+
+async def test_a_peer_that_never_reads_is_not_read_and_loses_nothing() -> None:
+    server, svc = holding_server()
+    count = 5000  # answers of ~0.3 KB: more than the kernel's buffers hold
+    payload = StringValue(value="x" * 300).SerializeToString()
+    data = b"".join(encode_request(2 * i + 1, SERVICE, "Echo", payload) for i in range(count))
+    async with served_pair(server) as peer, sending(peer, data) as sent:
+        await settle()
+        assert not sent.is_set()  # the server stopped reading: our writes block
+        # What it took: answers the kernel's buffers hold, plus the bound.
+        assert svc.calls < count
+        got = await read_all(peer, count)
+        assert sorted(got) == [2 * i + 1 for i in range(count)]
+        assert all(r.payload == payload for r in got.values())
+        assert sent.is_set()
+
+
+async def test_unread_large_answers_are_bounded_by_bytes() -> None:
+    server, svc = holding_server()
+    count = 60  # answers of ~80 KB: 4.8 MB in all, 60 requests fit in the buffer
+    async with served_pair(server) as peer:
+        for i in range(count):
+            value = StringValue(value=f"<{i:02}>").SerializeToString()
+            await peer.request(2 * i + 1, "Sized", value)
+        await settle()
+        # 1 MiB of unwritten answers (13) and the few the kernel holds stop the reader.
+        assert svc.calls <= server_mod.MAX_PENDING_BYTES // 80_000 + 8 < count
+        seen = {}
+        for _ in range(count):
+            sid, resp = await peer.response()
+            seen[sid] = BytesValue.FromString(resp.payload).value
+        assert seen == {2 * i + 1: f"<{i:02}>".encode() * 20000 for i in range(count)}
+
+
+async def test_a_flood_of_bad_frames_is_bounded_and_answered() -> None:
+    server, _ = make_server()
+    count = 2000  # 2 MB of frames with even ids, each answered INVALID_ARGUMENT
+    data = b"".join(encode_frame(2 * i + 2, MessageType.REQUEST, b"?" * 1000) for i in range(count))
+    async with served_pair(server) as peer, sending(peer, data) as sent:
+        await settle()
+        assert not sent.is_set()
+        got = await read_all(peer, count)
+        assert sorted(got) == [2 * i + 2 for i in range(count)]
+        for resp in got.values():
+            assert_status(resp, Code.INVALID_ARGUMENT)
+        await peer.echo_ok(1)
+
+
+async def test_other_connections_answer_while_one_never_reads(tmp_path) -> None:
+    server, svc = holding_server()
+    payload = StringValue(value="x" * 300).SerializeToString()
+    data = b"".join(encode_request(2 * i + 1, SERVICE, "Echo", payload) for i in range(5000))
+    async with listening(server, str(tmp_path / "s.sock")) as path:
+        async with connected(path) as flood, sending(flood, data) as sent:
+            await settle()
+            assert not sent.is_set()
+            blocked = svc.calls
+            async with connected(path) as other:
+                for sid in range(1, 200, 2):
+                    await other.echo_ok(sid)
+            assert svc.calls == blocked + 100  # the flood was not read meanwhile
+        async with connected(path) as after:  # the flooder left: all is well
+            await after.echo_ok(1)
 
 
 # --- peer credentials -------------------------------------------------------
