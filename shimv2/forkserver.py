@@ -702,7 +702,7 @@ def _run_command(conn: _socket.socket, request: dict[str, object], fds: list[int
 
         argv = list(request["argv"])  # type: ignore[call-overload]
         command = self_command()  # the server's own launcher: what a direct run execs
-        _set_cmdline(" ".join([*command, *argv]))  # not "forkserver": `pkill -f` misses it
+        _set_argv([*command, *argv])  # not "forkserver": `pkill -f` misses it
         try:
             _adopt_context(request)
         except Exception as exc:  # CgroupError included: refuse, the caller runs it
@@ -810,7 +810,7 @@ def _run_pending_daemon() -> int:
     from shimv2.daemon import run as run_daemon
 
     sys.argv = [self_command()[-1], *args]
-    _set_cmdline(" ".join([*self_command(), *args]))  # what a spawned daemon shows
+    _set_argv([*self_command(), *args])  # what a spawned daemon shows
     return run_daemon(parse_flags(args))
 
 
@@ -822,8 +822,55 @@ def _max_fd() -> int:
     return hard if 0 < hard < 1 << 30 else 1 << 20
 
 
+_argv_area: tuple[int, int] | None = None  # the argv area as exec'd (start, end)
+# /proc/PID/stat fields (1-based) that PR_SET_MM_MAP takes; all but brk are there.
+_MM_FIELDS = {
+    "start_code": 26,
+    "end_code": 27,
+    "start_stack": 28,
+    "start_data": 45,
+    "end_data": 46,
+    "start_brk": 47,
+    "arg_start": 48,
+    "arg_end": 49,
+    "env_start": 50,
+    "env_end": 51,
+}
+# The u64 fields of struct prctl_mm_map, in order.
+_MM_ORDER = [
+    "start_code",
+    "end_code",
+    "start_data",
+    "end_data",
+    "start_brk",
+    "brk",
+    "start_stack",
+    "arg_start",
+    "arg_end",
+    "env_start",
+    "env_end",
+]
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+SYS_BRK = 12  # x86-64; elsewhere PR_SET_MM_MAP is not tried (see _set_argv)
+
+
+def _mm_fields() -> dict[str, int]:
+    fields = _read("/proc/self/stat").rsplit(")", 1)[1].split()  # fields[0] is field 3
+    return {name: int(fields[n - 3]) for name, n in _MM_FIELDS.items()}
+
+
+def _area() -> tuple[int, int]:
+    """The argv area as exec'd: later calls may have shrunk what the kernel shows."""
+    global _argv_area
+    if _argv_area is None:
+        mm = _mm_fields()
+        _argv_area = (mm["arg_start"], mm["arg_end"])
+    return _argv_area
+
+
 def _set_cmdline(title: str) -> None:
-    """Show ``title`` as this process's command line (ps, /proc/PID/cmdline).
+    """Show ``title`` as this process's command line (ps, /proc/PID/cmdline),
+    one string: the server's own, found by installers as " forkserver ".
 
     The kernel reads the command line from the original argv area; when its
     last byte is not NUL it returns the text up to the first NUL (the
@@ -832,8 +879,7 @@ def _set_cmdline(title: str) -> None:
     import ctypes
 
     try:
-        fields = _read("/proc/self/stat").rsplit(")", 1)[1].split()
-        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (stat 48, 49)
+        start, end = _area()
     except (OSError, ValueError, IndexError):
         return
     size = end - start
@@ -841,6 +887,53 @@ def _set_cmdline(title: str) -> None:
         return
     encoded = title.encode()[: size - 2] + b"\0"
     ctypes.memmove(start, encoded + b" " * (size - len(encoded)), size)
+
+
+def _set_argv(argv: list[str]) -> None:
+    """Make /proc/PID/cmdline exactly ``argv``, NUL-separated, as if exec'd with it
+    (pgrep -f, psutil and containerd's leak checks split it into arguments).
+
+    The strings go into the argv area ``launch`` made room for; the kernel then
+    shows [arg_start, arg_end), so arg_end must move to their end. prctl's
+    PR_SET_MM_ARG_END needs CAP_SYS_RESOURCE, PR_SET_MM_MAP (checkpoint/restore)
+    does not: it sets every field of the memory map at once, all but arg_end
+    as they are. Without it the rest of the area is NULs (empty trailing
+    arguments; ``argv`` itself is intact).
+    """
+    import ctypes
+    import platform
+
+    try:
+        start, end = _area()
+        mm = _mm_fields()
+    except (OSError, ValueError, IndexError):
+        return
+    if end - start < 2:
+        return
+    encoded = b"".join(os.fsencode(arg) + b"\0" for arg in argv)[: end - start]
+    encoded = encoded[:-1] + b"\0"
+    ctypes.memmove(start, encoded.ljust(end - start, b"\0"), end - start)
+    if platform.machine() != "x86_64":
+        return
+
+    class MMMap(ctypes.Structure):  # struct prctl_mm_map, <linux/prctl.h>
+        _fields_ = [
+            *((name, ctypes.c_uint64) for name in _MM_ORDER),
+            ("auxv", ctypes.c_uint64),
+            ("auxv_size", ctypes.c_uint32),
+            ("exe_fd", ctypes.c_uint32),
+        ]
+
+    mm_map = MMMap(**{**mm, "arg_start": start, "arg_end": start + len(encoded)})
+    mm_map.exe_fd = 0xFFFFFFFF  # -1: keep /proc/PID/exe
+    libc = ctypes.CDLL(None, use_errno=True)
+    syscall, prctl = libc.syscall, libc.prctl
+    syscall.restype = ctypes.c_long
+    ref, size = ctypes.byref(mm_map), ctypes.sizeof(mm_map)
+    # brk is set too: read it last, with nothing in between that could move it
+    # (small objects come from pymalloc's mmap'd arenas, never the brk heap).
+    mm_map.brk = syscall(SYS_BRK, 0)
+    prctl(PR_SET_MM, PR_SET_MM_MAP, ref, size, 0)
 
 
 def main(argv: list[str]) -> int:

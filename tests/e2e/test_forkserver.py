@@ -93,9 +93,12 @@ def test_first_start_launches_the_server_later_ones_fork_from_it(
     assert "start runs in child" in log
     # A forked daemon (the server's child that ran `start`, then became it) shows
     # the same command line as a spawned one, in containerd's cgroups.
-    cmd = psutil.Process(forked).cmdline()
+    # NUL-separated argv, exactly what the exec'd one has (pgrep -f, leak checks).
+    cmd = _argv(forked)
     assert cmd[cmd.index("-id") + 1] == second
-    assert cmd == [second if arg == first else arg for arg in psutil.Process(direct).cmdline()]
+    assert cmd == [second if arg == first else arg for arg in _argv(direct)]
+    assert cmd[cmd.index("-address") + 1] == str(c.address)
+    assert psutil.Process(forked).cmdline() == cmd
     assert psutil.Process(forked).ppid() == server  # which reaps it
     assert os.getpgid(forked) == forked and os.getsid(forked) == forked
     assert _cgroups(forked) == _cgroups(c.pid or 0)
@@ -184,6 +187,12 @@ def test_disabled_fork_server_is_never_launched(e2e_tools: None, rootfs: Path) -
         assert not p.fs_dir.exists()
     finally:
         p.close()
+
+
+def _argv(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert raw.endswith(b"\0"), raw  # not a setproctitle-style single string
+    return raw[:-1].decode().split("\0")
 
 
 def _fd_flags(pid: int, fd: int) -> int:

@@ -696,3 +696,30 @@ def test_security_labels_are_compared_like_namespaces() -> None:
     labels = forkserver._security_labels()
     assert len(labels) == len(forkserver.SECURITY_LABELS)
     assert forkserver._security_labels(f"/proc/{os.getpid()}") == labels
+
+
+SET_ARGV = """
+import sys
+from shimv2 import forkserver
+forkserver._set_cmdline("a title")  # the server's; its children then set argv
+forkserver._set_argv(sys.argv[2:-1])
+with open("/proc/self/cmdline", "rb") as f:
+    sys.stdout.buffer.write(f.read())
+forkserver._set_argv(["short", "-x"])  # again, shorter: the area as exec'd is kept
+with open("/proc/self/cmdline", "rb") as f:
+    sys.stdout.buffer.write(b"|" + f.read())
+blocks = [bytearray(1 << 16) for _ in range(2000)]  # the heap (brk) still grows
+"""
+
+
+def test_set_argv_gives_a_nul_separated_cmdline() -> None:
+    """What the daemon forked from a server shows: argv as if exec'd with it."""
+    argv = ["/usr/bin/python3", "-I", "/x/shim.py", "-namespace", "n s", "-id", "c1", "-debug"]
+    out = subprocess.run(
+        [sys.executable, "-c", SET_ARGV, "--", *argv, "#" * forkserver.TITLE_ROOM],
+        capture_output=True,
+        check=True,
+    ).stdout
+    first, second = out.split(b"|")
+    assert first == b"\0".join(map(str.encode, argv)) + b"\0"
+    assert second == b"short\0-x\0"
