@@ -25,8 +25,10 @@ import trio
 
 log = logging.getLogger(__name__)
 
-# Inherited signal dispositions a child should not keep (Python ignores SIGPIPE).
-_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+# Inherited signal dispositions a child should not keep: Python ignores SIGPIPE,
+# and a containerd started from a background shell or nohup hands us SIGINT,
+# SIGQUIT or SIGHUP ignored, which runc would pass on to the containers.
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 
 
 @dataclass(frozen=True)

@@ -814,10 +814,21 @@ class TaskService:
 
     async def pids(self, req: api.PidsRequest, ctx: RequestContext) -> api.PidsResponse:
         container = self._container(req.id)
+        init = container.init
+        # containerd >= 1.7 deletes a reloaded shim whose Pids is empty or fails
+        # ("cleaning leaked shim process"), container and all. An init that has
+        # exited (reaped or not yet), or whose `runc ps` failed, still owes
+        # containerd its exit: it is listed, as ps lists a zombie, until Delete.
+        holds_init = init.pid > 0 and not (init.deleted or init.deleting)
         try:
             pids = await container.runc.ps(container.id)
         except RuncError as exc:
-            raise status.unknown(exc.message) from exc
+            if not holds_init:
+                raise status.unknown(exc.message) from exc
+            log.warning("Pids of %s: runc ps failed, listing the init only: %s", req.id, exc)
+            pids = []
+        if holds_init and init.pid not in pids:
+            pids.insert(0, init.pid)
         exec_ids = {p.pid: p.exec_id for p in container.execs.values() if p.pid}
         processes = []
         for pid in pids:

@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import json
 import os
@@ -63,6 +64,7 @@ __all__ = [
     "EventWatcher",
     "PrivateContainerd",
     "busybox_rootfs",
+    "containerd_version",
     "default_path",
     "exit_code_from_task_rm",
     "has_flag",
@@ -124,8 +126,32 @@ def shim_binary_name(runtime: str) -> str:
 
 
 def system_path() -> str:
-    """System dirs for containerd, ctr, runc, busybox (``PYSHIM_E2E_PATH`` overrides)."""
-    return os.environ.get("PYSHIM_E2E_PATH", DEFAULT_SYSTEM_PATH)
+    """System dirs for containerd, ctr, runc, busybox (``PYSHIM_E2E_PATH`` overrides).
+
+    ``PYSHIM_E2E_CONTAINERD`` names a directory holding another build of
+    ``containerd``, ``ctr`` and ``containerd-shim-runc-v2``; it goes first, so
+    the tests and the stress tool run against that containerd and its Go shim.
+    """
+    path = os.environ.get("PYSHIM_E2E_PATH", DEFAULT_SYSTEM_PATH)
+    build = os.environ.get("PYSHIM_E2E_CONTAINERD")
+    return f"{build}:{path}" if build else path
+
+
+@functools.cache
+def containerd_version(binary: str) -> tuple[int, int, int]:
+    """(major, minor, patch) that ``containerd --version`` reports; (0, 0, 0) if unknown.
+
+    Debian's package prints ``containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1``,
+    a release build ``containerd github.com/containerd/containerd/v2 v2.2.7 <commit>``.
+    """
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except OSError:
+        return (0, 0, 0)
+    m = re.search(r"\sv?(\d+)\.(\d+)\.(\d+)", out)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else (0, 0, 0)
 
 
 def venv_bin_dir() -> Path:
@@ -436,7 +462,7 @@ class PrivateContainerd:
         self,
         *,
         namespace: str | None = None,
-        log_level: str = "debug",
+        log_level: str = "trace",
         extra_env: dict[str, str] | None = None,
         base_dir: str | os.PathLike[str] = "/tmp",
         start_timeout: float = 30.0,
@@ -595,6 +621,11 @@ disabled_plugins = [{disabled_cri}
     @property
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        """The containerd release this instance runs, e.g. ``(1, 7, 24)``."""
+        return containerd_version(self.tool("containerd"))
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

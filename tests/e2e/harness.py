@@ -194,7 +194,7 @@ class Containerd(PrivateContainerd):
         self,
         *,
         namespace: str | None = None,
-        log_level: str = "debug",
+        log_level: str = "trace",
         extra_env: dict[str, str] | None = None,
         base_dir: str | Path = "/tmp",
         start_timeout: float = 30.0,
@@ -248,6 +248,23 @@ class Containerd(PrivateContainerd):
                     + "; ".join(f"{p.pid}:{' '.join(p.info.get('cmdline') or [])}" for p in shims)
                 )
             time.sleep(0.1)
+
+
+def go_shim_limitation(
+    request: Any, containerd: Containerd, runtime: str, since: tuple[int, int], reason: str
+) -> None:
+    """Mark the running test xfail for the Go shim under containerd >= *since*.
+
+    Only ever for ``go``: the same checks run for pyshim, which must pass them.
+    Not strict, so a Go shim that happens to manage is not a failure.
+    """
+    if runtime == RUNTIMES["go"] and containerd.version[:2] >= since:
+        import pytest  # the harness also serves the demo and the bench
+
+        version = ".".join(map(str, containerd.version))
+        request.applymarker(
+            pytest.mark.xfail(strict=False, reason=f"Go shim, containerd {version}: {reason}")
+        )
 
 
 @contextlib.contextmanager

@@ -108,9 +108,15 @@ def kill9(pid: int) -> None:
     wait_until(lambda: not pid_alive(pid), 10, what=f"pid {pid} to die")
 
 
-def rfc3339_ns(text: str) -> int:
-    """``2026-11-22T05:23:46.652847099Z`` (as ``ctr events`` prints it) -> ns since the epoch."""
-    main, _, frac = text.rstrip("Z").partition(".")
+def timestamp_ns(value: str | dict[str, int]) -> int:
+    """An event's timestamp as ``ctr events`` prints it -> ns since the epoch.
+
+    ctr 1.6 prints an RFC 3339 string (``2026-11-22T05:23:46.652847099Z``), ctr
+    1.7 and 2.x the protobuf's fields (``{"seconds": 1795..., "nanos": 652847099}``).
+    """
+    if isinstance(value, dict):
+        return int(value.get("seconds", 0)) * 10**9 + int(value.get("nanos", 0))
+    main, _, frac = value.rstrip("Z").partition(".")
     dt = datetime.datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.UTC)
     return int(dt.timestamp()) * 10**9 + int((frac + "000000000")[:9])
 
@@ -365,7 +371,7 @@ def test_shim_delete_after_dead_shim(
         watcher.stop()
     containerd.wait_task_status(cid, STOPPED, timeout=10)
     init_pid = exit_ev.data["pid"]
-    exited_at_ns = rfc3339_ns(exit_ev.data["exited_at"])
+    exited_at_ns = timestamp_ns(exit_ev.data["exited_at"])
     bundle = containerd.bundle_dir(cid)
     if runtime == PYSHIM:
         record = json.loads((bundle / "init.exit.json").read_text())

@@ -42,6 +42,7 @@ from .harness import (
     STOPPED,
     Containerd,
     HarnessError,
+    go_shim_limitation,
     mounts_under,
     pid_alive,
     unmount_all_under,
@@ -51,6 +52,9 @@ from .harness import (
 pytestmark = pytest.mark.e2e
 
 PYSHIM = RUNTIMES["pyshim"]
+#: containerd >= 1.7 deletes a reloaded shim whose Pids is empty (PR #6866); the Go
+#: shim's stopped task has none, so it and its exit are gone after the restart.
+LOST_ON_RELOAD = "a task stopped during the outage is deleted on reload (empty Pids)"
 
 
 def describe(r: subprocess.CompletedProcess[str]) -> str:
@@ -101,8 +105,9 @@ def delete_task(c: Containerd, cid: str) -> int:
 
 
 def test_exit_during_containerd_outage_arrives_once(
-    containerd: Containerd, runtime: str, rootfs: Path, cid: str
+    containerd: Containerd, runtime: str, rootfs: Path, cid: str, request: pytest.FixtureRequest
 ) -> None:
+    go_shim_limitation(request, containerd, runtime, (1, 7), LOST_ON_RELOAD)
     marker = run_until_marker(containerd, runtime, rootfs, cid, 7)
     pid = containerd.task_pid(cid)
     journal = containerd.bundle_dir(cid) / "events.journal"

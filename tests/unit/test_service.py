@@ -820,15 +820,37 @@ def test_pids_attach_process_details_for_execs(tmp_path: Path) -> None:
 
 
 async def _pids_failure(shim: Shim) -> None:
-    await shim.run("c1", ["sleep", "60"])
+    # A failing `runc ps` must not make containerd >= 1.7 take the shim for a
+    # leaked one on reload (it deletes it, container and all): the init is listed.
+    init_pid = await shim.run("c1", ["sleep", "60"])
     os.environ["FAKE_RUNC_FAIL"] = "ps"
-    await shim.expect("Pids", api.PidsRequest(id="c1"), Code.UNKNOWN, "fake ps failure")
+    response = await shim.call("Pids", api.PidsRequest(id="c1"))
     del os.environ["FAKE_RUNC_FAIL"]
+    assert [p.pid for p in response.processes] == [init_pid]
     await shim.kill_and_delete("c1")
 
 
 def test_pids_runc_failure(tmp_path: Path) -> None:
     run(tmp_path, _pids_failure)
+
+
+async def _pids_of_a_stopped_task(shim: Shim) -> None:
+    # containerd >= 1.7 deletes a reloaded shim whose Pids is empty: a stopped
+    # init that was not deleted yet must still be listed, or its exit is lost.
+    init_pid = await shim.run("c1", ["sh", "-c", "exit 42"])
+    assert (await shim.call("Wait", api.WaitRequest(id="c1"))).exit_status == 42
+    response = await shim.call("Pids", api.PidsRequest(id="c1"))
+    assert [p.pid for p in response.processes] == [init_pid]
+    os.environ["FAKE_RUNC_FAIL"] = "ps"  # runc's ps of a stopped container may fail
+    response = await shim.call("Pids", api.PidsRequest(id="c1"))
+    del os.environ["FAKE_RUNC_FAIL"]
+    assert [p.pid for p in response.processes] == [init_pid]
+    await shim.call("Delete", api.DeleteRequest(id="c1"))
+    await shim.expect("Pids", api.PidsRequest(id="c1"), Code.NOT_FOUND)
+
+
+def test_pids_lists_a_stopped_init_until_it_is_deleted(tmp_path: Path) -> None:
+    run(tmp_path, _pids_of_a_stopped_task)
 
 
 async def _shutdown(shim: Shim) -> None:
