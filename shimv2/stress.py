@@ -1271,12 +1271,13 @@ def _sleep_until(at: float) -> None:
 
 def find_shim(runtime: str) -> Path | None:
     """The shim binary containerd would run for *runtime*: next to this Python,
-    on PATH, or in the system dirs."""
+    in the ``PYSHIM_E2E_CONTAINERD`` build, on PATH, or in the system dirs."""
     name = shim_binary_name(runtime)
     beside = Path(sys.executable).parent / name
     if beside.is_file() and os.access(beside, os.X_OK):
         return beside
-    for path in (os.environ.get("PATH", ""), system_path()):
+    build = os.environ.get("PYSHIM_E2E_CONTAINERD", "")
+    for path in (build, os.environ.get("PATH", ""), system_path()):
         found = shutil.which(name, path=path)
         if found:
             return Path(found)
