@@ -882,8 +882,15 @@ disabled_plugins = [{disabled_cri}
             return []
 
     def shim_address(self, cid: str) -> str:
-        """Contents of ``<bundle>/address`` (``unix:///run/containerd/s/<hex>``)."""
-        return (self.bundle_dir(cid) / "address").read_text()
+        """The shim's ttrpc address (``unix:///run/containerd/s/<hex>``): ``<bundle>/address``
+        as pyshim and the 1.x Go shim write it, or the JSON start response that the
+        2.x Go shim prints and containerd 2.x keeps in ``bootstrap.json``."""
+        bundle = self.bundle_dir(cid)
+        path = bundle / "address"
+        text = (path if path.exists() else bundle / "bootstrap.json").read_text().strip()
+        if text.startswith("{"):
+            return str(json.loads(text)["address"])
+        return text
 
     def shim_socket_path(self, cid: str) -> Path:
         """Where a runc-v2-style shim for *cid* listens (sha256 of address/ns/id)."""

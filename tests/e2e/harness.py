@@ -25,6 +25,7 @@ tests, the demo and the benchmarks have always used. Usable on its own (see
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -248,6 +249,20 @@ class Containerd(PrivateContainerd):
                     + "; ".join(f"{p.pid}:{' '.join(p.info.get('cmdline') or [])}" for p in shims)
                 )
             time.sleep(0.1)
+
+
+def start_address(output: str) -> str:
+    """The address a shim's ``start`` printed: ``unix://…`` (pyshim, 1.x Go shims) or
+    the JSON response of 2.x Go shims (``{"version":3,"address":"unix://…",…}``)."""
+    output = output.strip()
+    return str(json.loads(output)["address"]) if output.startswith("{") else output
+
+
+def task_service(containerd: Containerd, runtime: str) -> str:
+    """The Task service a shim answers on: 2.x Go shims serve only v3 (pyshim both)."""
+    if runtime == RUNTIMES["go"] and containerd.version >= (2, 0, 0):
+        return "containerd.task.v3.Task"
+    return "containerd.task.v2.Task"
 
 
 def go_shim_limitation(

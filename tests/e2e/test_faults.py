@@ -54,6 +54,8 @@ from .harness import (
     mounts_under,
     pid_alive,
     shim_installed,
+    start_address,
+    task_service,
     wait_until,
     which,
 )
@@ -203,10 +205,21 @@ def _spec(rootfs: Path, args: list[str]) -> dict[str, Any]:
 class DirectShim:
     """A shim started by the test the way containerd starts one (see `direct_shim`)."""
 
-    def __init__(self, address: str, log_fd: int) -> None:
+    def __init__(self, address: str, log_fd: int, service: str) -> None:
         self.address = address
+        self.service = service
         self._log_fd = log_fd
         self._log = b""
+
+    def call(self, method: str, request: Any, response_type: Any) -> Any:
+        return trio.run(_call, self.address, method, request, response_type, self.service)
+
+    def error(self, method: str, request: Any, response_type: Any) -> TTRPCError:
+        try:
+            response = self.call(method, request, response_type)
+        except TTRPCError as exc:
+            return exc
+        raise AssertionError(f"{method} succeeded: {response}")
 
     def log(self) -> str:
         """Everything the shim wrote to its ``log`` FIFO so far."""
@@ -238,14 +251,14 @@ def direct_shim(c: Containerd, runtime: str, cid: str, bundle: Path) -> Iterator
             stderr=subprocess.STDOUT, timeout=15,
         )  # fmt: skip
         assert r.returncode == 0, describe(r)
-        address = r.stdout.decode().strip()
+        address = start_address(r.stdout.decode())
         assert address.startswith("unix:///"), address
-        shim = DirectShim(address, log_fd)
+        shim = DirectShim(address, log_fd, task_service(c, runtime))
         try:
             yield shim
         finally:
             with contextlib.suppress(TTRPCError, OSError, trio.TooSlowError):
-                call(address, "Shutdown", api.ShutdownRequest(id=cid), empty_pb2.Empty)
+                shim.call("Shutdown", api.ShutdownRequest(id=cid), empty_pb2.Empty)
             with contextlib.suppress(HarnessError):
                 wait_until(lambda: not c.shim_processes(cid), 5, what="the shim to exit")
             with contextlib.suppress(AssertionError, subprocess.SubprocessError):
@@ -260,10 +273,12 @@ def direct_shim(c: Containerd, runtime: str, cid: str, bundle: Path) -> Iterator
         os.close(log_fd)
 
 
-async def _call(address: str, method: str, request: Any, response_type: Any) -> Any:
+async def _call(
+    address: str, method: str, request: Any, response_type: Any, service: str = TASK
+) -> Any:
     with trio.fail_after(15):
         async with connect(address) as client:
-            return await client.call(TASK, method, request, response_type, timeout=10)
+            return await client.call(service, method, request, response_type, timeout=10)
 
 
 def call(address: str, method: str, request: Any, response_type: Any) -> Any:
@@ -514,9 +529,8 @@ def test_failed_create_removes_half_created_container(
     )
     state = containerd.runc_root / cid
     with direct_shim(containerd, runtime, cid, bundle) as shim:
-        address = shim.address
         request = api.CreateTaskRequest(id=cid, bundle=str(bundle), options=options)
-        err = call_error(address, "Create", request, api.CreateTaskResponse)
+        err = shim.error("Create", request, api.CreateTaskResponse)
         assert err.code == Code.UNKNOWN, err
         assert "OCI runtime create failed: e2e-fake-runc: create refused" in err.message, err
         init_pid = int((side / "init.pid").read_text())
@@ -554,11 +568,10 @@ def test_invalid_config_json(
     config = bundle / "config.json"
     config.write_text(json.dumps(_spec(rootfs, ["/bin/sleep", "600"])))
     with direct_shim(containerd, runtime, cid, bundle) as shim:
-        address = shim.address
         for name, content in INVALID_CONFIGS.items():
             config.write_bytes(content)
             request = api.CreateTaskRequest(id=cid, bundle=str(bundle))
-            err = call_error(address, "Create", request, api.CreateTaskResponse)
+            err = shim.error("Create", request, api.CreateTaskResponse)
             if runtime == PYSHIM:
                 # pyshim checks the spec itself: the caller's fault, and it says where
                 assert err.code == Code.INVALID_ARGUMENT, f"{name}: {err.code.name} {err}"
@@ -567,17 +580,17 @@ def test_invalid_config_json(
                 assert err.code == Code.UNKNOWN, f"{name}: {err.code.name} {err}"
                 assert "OCI runtime create failed" in err.message, f"{name}: {err}"
             assert not (containerd.runc_root / cid).exists(), f"{name}: runc state created"
-            state_err = call_error(address, "State", api.StateRequest(id=cid), api.StateResponse)
+            state_err = shim.error("State", api.StateRequest(id=cid), api.StateResponse)
             assert state_err.code == Code.NOT_FOUND, f"{name}: {state_err}"
 
         config.write_text(json.dumps(_spec(rootfs, ["/bin/sleep", "600"])))
-        created = call(
-            address, "Create", api.CreateTaskRequest(id=cid, bundle=str(bundle)),
+        created = shim.call(
+            "Create", api.CreateTaskRequest(id=cid, bundle=str(bundle)),
             api.CreateTaskResponse,
         )  # fmt: skip
         assert created.pid > 0
-        call(address, "Kill", api.KillRequest(id=cid, signal=signal.SIGKILL), empty_pb2.Empty)
-        deleted = call(address, "Delete", api.DeleteRequest(id=cid), api.DeleteResponse)
+        shim.call("Kill", api.KillRequest(id=cid, signal=signal.SIGKILL), empty_pb2.Empty)
+        deleted = shim.call("Delete", api.DeleteRequest(id=cid), api.DeleteResponse)
         assert deleted.pid == created.pid
     assert not (containerd.runc_root / cid).exists()
     assert not containerd.shim_processes(cid)

@@ -36,7 +36,15 @@ from shimv2.api.ttrpc.request_pb2 import Response
 from shimv2.ttrpc import Code, TTRPCError, connect
 from shimv2.ttrpc.wire import Frame, FrameDecoder, encode_request
 
-from .harness import RUNNING, RUNTIMES, STOPPED, Containerd, exit_code_from_task_rm, pid_alive
+from .harness import (
+    RUNNING,
+    RUNTIMES,
+    STOPPED,
+    Containerd,
+    exit_code_from_task_rm,
+    pid_alive,
+    task_service,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -207,7 +215,8 @@ def test_peer_with_other_uid_or_gid_refused(
     pid = run_sleeper(containerd, runtime, rootfs, cid)
     path = socket_path(containerd, cid)
     shim = the_shim(containerd, cid)
-    request = encode_request(1, TASK_V2, "State", api.StateRequest(id=cid).SerializeToString())
+    service = task_service(containerd, runtime)
+    request = encode_request(1, service, "State", api.StateRequest(id=cid).SerializeToString())
 
     # a plain other user does not even get to connect: 0600 socket in a closed dir
     plain = connect_as(path, request, NOBODY, NOBODY, keep_dac=False)
