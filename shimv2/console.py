@@ -285,7 +285,7 @@ class ConsoleIO(StdioBase):
         spool = None
         if self._spool is not None and self._logger is None:
             spool = self._spool.spool("stdout")
-        sink = Sink(dst, spool, spool.label if spool else "terminal output")
+        sink = Sink(dst, spool, spool.label if spool else "terminal output", self.progress)
         try:
             with scope:
                 await sink.run(self._copy_output)

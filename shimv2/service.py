@@ -254,7 +254,12 @@ class TaskService:
         if process.io is not None:
             process.io.process_exited()  # a pty's output ends once drained
         if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
-            log.warning("%s: output still open %.0fs after exit", process.id, IO_FLUSH_TIMEOUT)
+            log.warning(
+                "%s: output not all read (its reader took nothing for %.0fs, or an orphan "
+                "still writes); publishing the exit, delivery goes on until Delete",
+                process.id,
+                IO_FLUSH_TIMEOUT,
+            )
         if process.is_init:
             # Persisted before anyone hears of it: `delete` after a dead shim reports it.
             record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)

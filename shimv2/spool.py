@@ -18,6 +18,12 @@ stays a zero-copy splice.
 :class:`Sink` is the one place for this logic: the pipe pumps
 (:func:`shimv2.stdio.pump`) feed it with :meth:`Sink.splice_from`, the pty
 loop (:mod:`shimv2.console`) with :meth:`Sink.write`.
+
+At the end of the output the sink keeps the FIFO open until its reader has
+emptied it: the kernel discards what a FIFO holds once nobody has it open, and
+a client may be between two attaches right then. Meanwhile it records the
+reader's :class:`Progress`, which tells the exit how long to wait: an attached
+``ctr`` closes its FIFOs as soon as it has the exit status.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ import logging
 import math
 import os
 import select
+import stat
+import struct
+import termios
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +55,11 @@ STALL_GRACE = 0.1
 #: At most one "dropped" warning per stream in this many seconds.
 REPORT_INTERVAL = 10.0
 
+#: At the end of output we poll the FIFO until its reader has emptied it: this
+#: often while the reader takes data, backing off to the maximum while it does not.
+DRAIN_POLL_MIN = 0.001
+DRAIN_POLL_MAX = 0.25
+
 _CHUNK = 1 << 16
 _SPLICE_CHUNK = 1 << 20
 _F_GETPIPE_SZ = 1032
@@ -57,6 +71,29 @@ def human(size: int) -> str:
         if size >= 1 << shift and size % (1 << shift) == 0:
             return f"{size >> shift} {unit}"
     return f"{size} bytes"
+
+
+def unread(fd: int) -> int:
+    """Bytes in the pipe or FIFO behind ``fd`` that its reader has not taken yet."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+    except OSError:
+        return 0  # nothing we could wait for
+
+
+def hung_up(fd: int) -> bool:
+    """Whether the pipe ``fd`` reads from has no writer left: what it holds is all there is."""
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLHUP is reported whatever we ask for
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+def has_reader(fd: int) -> bool:
+    """Whether anyone has the FIFO open for reading; ``fd`` must be write-only
+    (POLLERR: no reader), an O_RDWR fd is a reader itself."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return not any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def readable_now(fd: int) -> bool:
@@ -252,6 +289,42 @@ class Spool:
                 log.debug("%s: truncating %s: %s", self.label, self.path, exc)
 
 
+class Progress:
+    """When a process's output last moved towards its reader (trio's clock).
+
+    Moving means a write to the destination succeeded or its reader took bytes
+    out of the FIFO. An exit waits for the output as long as it moves and has
+    an end, and not for a FIFO nobody has open
+    (:meth:`shimv2.stdio.StdioBase.wait_output`).
+    """
+
+    def __init__(self) -> None:
+        self.last = -math.inf
+        self.sources: set[int] = set()  # the pipes being copied (their pumps register them)
+        self.running = 0  # sinks
+        self.unattended = 0  # of those: the rest waits in a FIFO that no reader has open
+        self.changed = trio.Event()  # set (and replaced) when ``unattended`` changes
+
+    def note(self) -> None:
+        self.last = trio.current_time()
+
+    @property
+    def nobody_reads(self) -> bool:
+        """All that is left waits for readers that are not there (``ctr run -d``)."""
+        return self.running > 0 and self.unattended == self.running
+
+    def attend(self, delta: int) -> None:
+        self.unattended += delta
+        self.changed.set()
+        self.changed = trio.Event()
+
+    @property
+    def finite(self) -> bool:
+        """No source has a writer left. After the exit one may still have: an
+        orphan of the process holds it open, and its output need not end."""
+        return all(hung_up(fd) for fd in self.sources)
+
+
 class Sink:
     """One output stream's destination: the client's fd, with an optional spool in front.
 
@@ -265,13 +338,28 @@ class Sink:
 
     After a write error (not "full") the sink swallows the rest: a container
     must never block on a stream nobody can take. ``fd < 0`` discards everything.
+
+    A FIFO is kept open at the end until its reader has emptied it: closing
+    the last fd of a FIFO that nobody reads at that moment (a client between
+    two attaches) makes the kernel discard what it holds.
     """
 
-    def __init__(self, fd: int, spool: Spool | None = None, what: str = "output") -> None:
+    def __init__(
+        self,
+        fd: int,
+        spool: Spool | None = None,
+        what: str = "output",
+        progress: Progress | None = None,
+        *,
+        drain: bool = True,
+    ) -> None:
         self.fd = fd
         self.spool = spool
         self.what = what
+        self.progress = progress if progress is not None else Progress()
         self.broken = fd < 0
+        # Whether to wait for the reader at the end (not worth it for a process's stdin).
+        self._drain_fifo = drain and fd >= 0 and stat.S_ISFIFO(os.fstat(fd).st_mode)
         self._wake = trio.Event()  # for the deliverer: the spool has data
         self._emptied = trio.Event()  # for a writer waiting on a failed spool
         # The deliverer starts with the first spooled byte: most streams never
@@ -280,11 +368,22 @@ class Sink:
         self._delivering = False
 
     async def run(self, feed: Callable[[Sink], Awaitable[None]]) -> None:
-        """Run ``feed(self)`` with the deliverer beside it, then deliver what is left."""
+        """Run ``feed(self)`` with the deliverer beside it, then deliver what is left,
+        and return once a FIFO's reader has taken it all (or when cancelled)."""
         spool = self.spool
-        if spool is None:
-            await feed(self)
-            return
+        self.progress.running += 1
+        try:
+            if spool is None:
+                await feed(self)
+            else:
+                await self._feed_and_deliver(feed, spool)
+            await self._drain()
+        finally:
+            self.progress.running -= 1
+
+    async def _feed_and_deliver(
+        self, feed: Callable[[Sink], Awaitable[None]], spool: Spool
+    ) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -343,6 +442,7 @@ class Sink:
             if n == 0:
                 return
             moved = True
+            self.progress.note()
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Take ``data``: written to ``fd``, or spooled if ``fd`` has been full for a while."""
@@ -357,6 +457,7 @@ class Sink:
                 continue
             try:
                 view = view[os.write(self.fd, view) :]
+                self.progress.note()
             except BlockingIOError:
                 if spool is None or not spool.usable:
                     await trio.lowlevel.wait_writable(self.fd)
@@ -433,10 +534,57 @@ class Sink:
                 continue
             try:
                 spool.deliver_to(self.fd)
+                self.progress.note()
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self.fd)
             except OSError as exc:
                 self._break(exc)
+
+    async def _drain(self) -> None:
+        """Wait until the FIFO's reader has taken everything in it: polled, as a pipe
+        signals nothing when it runs empty. Each byte taken counts as progress."""
+        if self.broken or not self._drain_fifo or not unread(self.fd):
+            return
+        self._write_only()
+        unattended = False
+        left = unread(self.fd)
+        try:
+            pause = DRAIN_POLL_MIN
+            while left:
+                if unattended == has_reader(self.fd):
+                    unattended = not unattended
+                    self.progress.attend(1 if unattended else -1)
+                await trio.sleep(pause)
+                now = unread(self.fd)
+                if now < left:
+                    self.progress.note()
+                    pause = DRAIN_POLL_MIN
+                else:
+                    pause = min(pause * 2, DRAIN_POLL_MAX)
+                left = now
+        finally:
+            if unattended:
+                self.progress.attend(-1)
+            if left and not has_reader(self.fd):  # Delete: closing the FIFO discards them
+                log.warning(
+                    "%s: %d bytes in the FIFO were never read; discarded when the I/O closed",
+                    self.what,
+                    left,
+                )
+
+    def _write_only(self) -> None:
+        """Hold the FIFO by a write-only fd from now on (same fd number): poll() then
+        tells whether any reader has it open, and the bytes in it stay as long as we
+        do. Best effort: with our O_RDWR fd we count as a reader ourselves."""
+        try:
+            flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+            fd = os.open(f"/proc/self/fd/{self.fd}", flags)  # we are a reader: no ENXIO
+        except OSError as exc:
+            log.debug("%s: cannot reopen the FIFO write-only: %s", self.what, exc)
+            return
+        trio.lowlevel.notify_closing(self.fd)  # nobody waits on it any more
+        os.dup2(fd, self.fd, inheritable=False)
+        os.close(fd)
 
 
 async def _discard(src: int) -> None:

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlparse
 import trio
 
 from shimv2.reaper import Child
-from shimv2.spool import Sink, Spool, SpoolConfig
+from shimv2.spool import Progress, Sink, Spool, SpoolConfig
 from shimv2.tasks import Spawner
 from shimv2.ttrpc import status
 
@@ -87,8 +87,16 @@ def close_fd(fd: int) -> None:
             os.close(fd)
 
 
-async def pump(src: int, dst: int, spool: Spool | None = None) -> None:
-    """Copy ``src`` (a pipe or FIFO) to ``dst`` until EOF on ``src``; closes both.
+async def pump(
+    src: int,
+    dst: int,
+    spool: Spool | None = None,
+    progress: Progress | None = None,
+    *,
+    drain: bool = True,
+) -> None:
+    """Copy ``src`` (a pipe or FIFO) to ``dst`` until EOF on ``src`` and (``drain``)
+    until the reader of a FIFO ``dst`` has taken it all; closes both.
 
     splice(2) moves the bytes without copying them through Python; where it
     cannot (an O_APPEND file) plain read/write does. With a ``spool``, a ``dst``
@@ -96,11 +104,14 @@ async def pump(src: int, dst: int, spool: Spool | None = None) -> None:
     draining of ``src``: see :mod:`shimv2.spool`. If ``dst`` fails we keep
     draining ``src``: a container must never block on a stream nobody reads.
     """
+    if progress is not None:
+        progress.sources.add(src)
     try:
-        await Sink(dst, spool, spool.label if spool else "stdio copy").run(
-            lambda sink: sink.splice_from(src)
-        )
+        sink = Sink(dst, spool, spool.label if spool else "stdio copy", progress, drain=drain)
+        await sink.run(lambda sink: sink.splice_from(src))
     finally:
+        if progress is not None:
+            progress.sources.discard(src)
         close_fd(src)
         close_fd(dst)
 
@@ -209,6 +220,18 @@ class BinaryLogger:
                 os.kill(child.pid, signal.SIGKILL)
 
 
+async def _either(first: trio.Event, second: trio.Event) -> None:
+    """Wait until one of the two events is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait, first)
+        nursery.start_soon(wait, second)
+
+
 def open_stdin(path: str) -> tuple[int, int]:
     """The stdin FIFO's reader and our keep-alive writer; neither open can block.
 
@@ -229,6 +252,7 @@ class StdioBase:
     def __init__(self, spec: StdioSpec) -> None:
         self.spec = spec
         self.output_done = trio.Event()
+        self.progress = Progress()  # of the output towards its reader
         self._stdin_keepalive = -1
 
     def close_stdin(self) -> None:
@@ -238,11 +262,26 @@ class StdioBase:
                 os.close(self._stdin_keepalive)
             self._stdin_keepalive = -1
 
-    async def wait_output(self, timeout: float) -> bool:
-        """Wait until the output is fully copied; False on timeout."""
-        with trio.move_on_after(timeout):
-            await self.output_done.wait()
-        return self.output_done.is_set()
+    async def wait_output(self, idle: float) -> bool:
+        """Wait until the output's reader has had all of it, for as long as the output
+        moves; False once nothing moved for ``idle`` seconds (a reader that takes
+        nothing). A slow reader that keeps taking gets every byte first: an attached
+        ``ctr`` closes its FIFOs as soon as it learns the exit status. Output that
+        has no end (an orphan still writes) gets ``idle`` seconds in all. What waits
+        in FIFOs that no reader has open (``ctr run -d``) is not waited for: True.
+        """
+        start = trio.current_time()
+        progress = self.progress
+        while not self.output_done.is_set():
+            if progress.nobody_reads:
+                return True  # delivery goes on while the process exists
+            moved = progress.last if progress.finite else start
+            deadline = max(start, moved) + idle
+            if trio.current_time() >= deadline:
+                return False
+            with trio.move_on_at(deadline):
+                await _either(self.output_done, progress.changed)
+        return True
 
 
 class PipeIO(StdioBase):
@@ -368,7 +407,10 @@ class PipeIO(StdioBase):
             self._scopes.append(scope)
             try:
                 with scope:
-                    await pump(src, dst, spool)
+                    if output:
+                        await pump(src, dst, spool, self.progress)
+                    else:  # stdin: the container's pipe; EOF may follow the data
+                        await pump(src, dst, drain=False)
             finally:
                 if output:
                     remaining -= 1

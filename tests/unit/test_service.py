@@ -39,6 +39,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
 from shimv2 import bundle as bundlefiles
+from shimv2 import service as service_module
 from shimv2.api.containerd.events import task_pb2 as events
 from shimv2.api.containerd.runc.options import oci_pb2
 from shimv2.api.containerd.services.events.ttrpc.v1 import events_pb2
@@ -868,34 +869,119 @@ def test_shutdown_only_without_containers(tmp_path: Path) -> None:
     run(tmp_path, _shutdown)
 
 
+SEQ_5000 = "".join(f"{i}\n" for i in range(1, 5001)).encode()
+
+
 async def _output_before_exit(shim: Shim) -> dict[str, Any]:
     stdout, stderr = shim.fifo("out"), shim.fifo("err")
-    out_r, err_r = shim.reader(stdout), shim.reader(stderr)
+    readers = {"stdout": shim.reader(stdout), "stderr": shim.reader(stderr)}
+    got = {name: bytearray() for name in readers}
     snapshot: dict[str, Any] = {}
 
+    async def read(name: str) -> None:  # as ctr's copy loops do, until EOF
+        fd = readers[name]
+        while True:
+            data, eof = read_available(fd)
+            got[name] += data
+            if eof:
+                return
+            await trio.lowlevel.wait_readable(fd)
+
     def on_exit(message: Message) -> None:
-        # Runs when /tasks/exit reaches "containerd": the FIFOs must already
-        # hold all the output and be closed by the shim.
-        snapshot["stdout"] = read_available(out_r)
-        snapshot["stderr"] = read_available(err_r)
+        # Runs when /tasks/exit reaches "containerd": an attached ctr closes its
+        # FIFOs right then, so its readers must already have had every byte (and
+        # nothing is left in the FIFO), and the shim has closed the FIFOs.
+        for name, fd in readers.items():
+            snapshot[name] = (bytes(got[name]), *read_available(fd))
 
     shim.events.on_exit = on_exit
     await shim.run(
         "c1", ["sh", "-c", "seq 1 5000; echo bye >&2; exit 3"], stdout=stdout, stderr=stderr
     )
-    assert (await shim.call("Wait", api.WaitRequest(id="c1"))).exit_status == 3
-    await shim.events.wait_count("/tasks/exit")
+    async with trio.open_nursery() as nursery:
+        for name in readers:  # now that the shim has the FIFOs open: no early EOF
+            nursery.start_soon(read, name)
+        assert (await shim.call("Wait", api.WaitRequest(id="c1"))).exit_status == 3
+        await shim.events.wait_count("/tasks/exit")
     await shim.call("Delete", api.DeleteRequest(id="c1"))
-    os.close(out_r)
-    os.close(err_r)
+    for fd in readers.values():
+        os.close(fd)
     return snapshot
 
 
-def test_output_reaches_the_fifo_before_the_exit_event(tmp_path: Path) -> None:
+def test_the_reader_has_all_output_before_the_exit_event(tmp_path: Path) -> None:
     snapshot = run(tmp_path, _output_before_exit)
-    expected = "".join(f"{i}\n" for i in range(1, 5001)).encode()
-    assert snapshot["stdout"] == (expected, True)
-    assert snapshot["stderr"] == (b"bye\n", True)
+    assert snapshot["stdout"] == (SEQ_5000, b"", True)
+    assert snapshot["stderr"] == (b"bye\n", b"", True)
+
+
+async def _unread_output(shim: Shim, *, reader_stays: bool) -> bytes:
+    stdout = shim.fifo("out")
+    reader = shim.reader(stdout)
+    await shim.run("c1", ["sh", "-c", "seq 1 5000; exit 3"], stdout=stdout)
+    if not reader_stays:
+        os.close(reader)  # the client goes away (ctr run -d) without reading a byte
+    assert (await shim.call("Wait", api.WaitRequest(id="c1"))).exit_status == 3
+    # The exit did not wait for the reader; the output waits in the FIFO until Delete.
+    if not reader_stays:
+        reader = shim.reader(stdout)
+    output = await read_until(reader, SEQ_5000)
+    with trio.fail_after(TIMEOUT):
+        while not read_available(reader)[1]:  # then EOF: the shim closed the FIFO
+            await trio.sleep(0.01)
+    os.close(reader)
+    await shim.call("Delete", api.DeleteRequest(id="c1"))
+    return output
+
+
+async def _reader_that_takes_nothing(shim: Shim) -> bytes:
+    service_module.IO_FLUSH_TIMEOUT = 0.2  # this shim only: the exit waits this long
+    return await _unread_output(shim, reader_stays=True)
+
+
+async def _reader_gone(shim: Shim) -> bytes:
+    service_module.IO_FLUSH_TIMEOUT = 3600.0  # no reader: the exit must not wait for it
+    return await _unread_output(shim, reader_stays=False)
+
+
+@pytest.mark.parametrize("scenario", [_reader_that_takes_nothing, _reader_gone])
+def test_a_reader_that_takes_nothing_does_not_hold_the_exit_and_loses_nothing(
+    tmp_path: Path, scenario: Scenario
+) -> None:
+    assert run(tmp_path, scenario) == SEQ_5000
+
+
+async def _orphan_keeps_writing(shim: Shim) -> bytes:
+    service_module.IO_FLUSH_TIMEOUT = 0.2  # this shim only; the cap is not under test
+    stdout = shim.fifo("out")
+    stop = shim.base / "stop"
+    script = f"(while [ ! -e {stop} ]; do echo x; sleep 0.01; done; echo end) & exit 3"
+    await shim.run("c1", ["sh", "-c", script], stdout=stdout)
+    reader = shim.reader(stdout)
+    got = bytearray()
+
+    async def read() -> None:
+        while True:
+            data, eof = read_available(reader)
+            got.extend(data)
+            if eof:
+                return
+            await trio.lowlevel.wait_readable(reader)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        # The output keeps moving and its reader keeps taking it, but it has no
+        # end: the exit is not held back for it.
+        assert (await shim.call("Wait", api.WaitRequest(id="c1"))).exit_status == 3
+        stop.touch()
+    os.close(reader)
+    await shim.call("Delete", api.DeleteRequest(id="c1"))
+    return bytes(got)
+
+
+def test_an_orphan_that_keeps_writing_does_not_hold_the_exit(tmp_path: Path) -> None:
+    output = run(tmp_path, _orphan_keeps_writing)
+    assert output.endswith(b"x\nend\n")
 
 
 async def _kill_all_without_pid_namespace(shim: Shim) -> None:

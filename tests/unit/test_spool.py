@@ -14,8 +14,11 @@ import logging
 import os
 import re
 import socket
+import struct
+import termios
 import threading
 import tty
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,14 +62,17 @@ def container_end(io: PipeIO, target: int = 1) -> int:
     return end
 
 
-async def container_writes(fd: int, data: bytes, chunk: int = 1 << 16) -> None:
+async def container_writes(
+    fd: int, data: bytes, chunk: int = 1 << 16, *, close: bool = True
+) -> None:
     """Blocking writes from a thread, then close (the process exits); fails if they block."""
 
     def write() -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view[:chunk]) :]
-        os.close(fd)
+        if close:
+            os.close(fd)
 
     with trio.fail_after(TIMEOUT):
         # abandoned on timeout: a blocked writer fails the test instead of hanging it
@@ -100,6 +106,39 @@ def fifo_size(path: str) -> int:
         return fcntl.fcntl(fd, _F_GETPIPE_SZ)
     finally:
         os.close(fd)
+
+
+def unread(fd: int) -> int:
+    """FIONREAD: the bytes in a pipe or FIFO (through either end) that nobody read yet."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def spooled(spool_file: Path) -> int:
+    """Bytes waiting in the spool (while nothing was delivered from it since it was empty)."""
+    try:
+        return spool_file.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def read_now(fd: int, into: bytearray) -> None:
+    """Read all the FIFO holds now without a checkpoint: the shim cannot run meanwhile."""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        into += chunk
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Let the shim run until ``condition`` holds (a state, not a duration)."""
+    with trio.move_on_after(TIMEOUT):
+        while not condition():
+            await trio.sleep(0.005)
+    assert condition(), f"never came: {what}"
 
 
 def dropped_in_logs(caplog: pytest.LogCaptureFixture) -> int:
@@ -249,46 +288,57 @@ async def test_past_the_limit_the_oldest_bytes_are_dropped_and_counted(
 async def test_a_reader_that_comes_and_goes_gets_everything_in_order(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    """Direct → spool → direct → spool ... while the container keeps writing."""
-    out, err = mkfifo(tmp_path, "out"), mkfifo(tmp_path, "err")
-    io = PipeIO(StdioSpec(stdout=out, stderr=err), spool=SpoolConfig(str(bundle(tmp_path))))
-    ends = {}
-    for target, fd in io.runc_fds().items():
-        if fd is not None:
-            ends[target] = os.dup(fd)
-            os.set_blocking(ends[target], True)
-    io.close_after_start()
+    """Spool → direct → spool, and the end of the output while no reader is there.
+
+    The reader opens, reads and closes the FIFO with no checkpoint in between, so
+    the shim runs only at the points chosen here, however loaded the machine is.
+    At the end the shim moves the last spooled bytes into the FIFO while nobody
+    has it open: closing the FIFO then would make the kernel discard them.
+    """
+    path = mkfifo(tmp_path)
+    io = PipeIO(StdioSpec(stdout=path), spool=SpoolConfig(str(bundle(tmp_path))))
+    capacity = fifo_size(path)
+    end = container_end(io)
     io.start(nursery)
-    data = pattern(12 * MIB)
-    errors = pattern(3 * MIB)[::-1]
+    spool_file = bundle(tmp_path) / "stdout.spool"
+    first, second = 3 * capacity, 3 * capacity + capacity // 4
+    data = pattern(second + capacity + capacity // 2)
     got = bytearray()
 
-    async def flaky_reader() -> None:
-        fd = -1
-        for round_ in range(40):
-            await trio.sleep(0.05)
-            if round_ % 2 == 0:
-                fd = os.open(out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                with trio.move_on_after(0.15):
-                    while True:
-                        try:
-                            chunk = os.read(fd, 1 << 16)
-                        except BlockingIOError:
-                            await trio.lowlevel.wait_readable(fd)
-                            continue
-                        got.extend(chunk)
-                        await trio.sleep(0.001)  # slower than the container
-            else:
-                os.close(fd)  # the reader goes away again
-
-    async with trio.open_nursery() as inner:
-        inner.start_soon(container_writes, ends[1], data)
-        inner.start_soon(container_writes, ends[2], errors)
-        inner.start_soon(flaky_reader)
-    await read_to_eof(out, got)
-    assert await read_to_eof(err) == errors
+    # Nobody reads: the FIFO fills up, the rest goes to the spool.
+    await container_writes(end, data[:first], close=False)
+    await until(lambda: unread(end) == 0, "the container's pipe drained")
+    assert spooled(spool_file) > 0
+    # A reader comes, takes all of that (the spool first, in order), goes away.
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with trio.fail_after(TIMEOUT):
+        read_now(reader, got)
+        while len(got) < first:
+            await trio.lowlevel.wait_readable(reader)
+            read_now(reader, got)
+    os.close(reader)
+    assert got == data[:first]
+    assert spooled(spool_file) == 0
+    # The spool is empty: new output goes straight into the FIFO again.
+    await container_writes(end, data[first:second], close=False)
+    await until(lambda: unread(end) == 0, "the container's pipe drained")
+    assert spooled(spool_file) == 0
+    # The last output overflows the FIFO into the spool; the process exits.
+    await container_writes(end, data[second:])
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    left = len(data) - len(got)
+    await until(lambda: spooled(spool_file) + unread(reader) == left, "all of it spooled")
+    rest = spooled(spool_file)
+    assert 0 < rest <= capacity  # fits into the FIFO once the reader emptied it
+    read_now(reader, got)  # the reader takes what the FIFO holds and goes, in one step
+    os.close(reader)
+    # Now the shim moves the rest into the FIFO, with no reader there.
+    await until(lambda: not spool_file.exists(), "the spool emptied into the FIFO")
+    await read_to_eof(path, got)  # the reader comes back for it
     assert len(got) == len(data)
     assert got == data
+    with trio.fail_after(TIMEOUT):
+        await io.output_done.wait()
     assert not list(bundle(tmp_path).iterdir())
     io.close()
 
