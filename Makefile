@@ -11,22 +11,23 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv test lint demo proto bench clean
+.PHONY: help deps venv test test-node lint demo proto bench clean
 
 help:
-	@sed -n '2,7p' Makefile
+	@sed -n '2,8p' Makefile
 
 deps:
 	scripts/install-deps.sh
 
 venv: $(STAMP)
 
-# re-installs when the project metadata changes; shimv2.launcher then replaces
-# pip's console script $(VENV)/bin/containerd-shim-pyshim-v2 (which the e2e
-# harness and the demo put first on containerd's PATH) with the native launcher
-# (and the Python one next to it, .py). The tests and the private containerd of
+# re-installs when the project metadata or build hook changes. pip puts the
+# launcher pair setup.py built in $(VENV)/bin (containerd-shim-pyshim-v2, which
+# the e2e harness and the demo put first on containerd's PATH: the native
+# launcher, and the Python one next to it, .py); shimv2.launcher rewrites it
+# with this venv's exact paths. The tests and the private containerd of
 # shimv2.devtools rebuild it when the sources changed since.
-$(STAMP): pyproject.toml shimv2/launcher.c
+$(STAMP): pyproject.toml setup.py shimv2/launcher.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -I -m shimv2.launcher $(VENV)/bin/containerd-shim-pyshim-v2

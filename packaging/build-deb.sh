@@ -57,8 +57,9 @@ echo "build-deb.sh: building venv for $REL with $PYTHON ($PYMINOR)"
 "$DEST/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --no-compile "$SRC"
 # containerd runs the binary for every start and delete: the native launcher
 # (shimv2/launcher.c; needs cc here, not on the target) or else the Python one
-# (-I -S). The native one names no path: it runs <its real path>.py, and the
-# fork server version compiled in has no paths either, so it survives relocation.
+# (-I -S). The wheel brought one; rebuilt here for this venv's interpreter. The
+# native one names no path: it runs <its real path>.py, and the fork server
+# version compiled in has no paths either, so it survives relocation.
 "$DEST/bin/python" -I -m shimv2.launcher "$DEST/bin/$NAME"
 SCRIPT=$DEST/bin/$NAME
 if [ -f "$SCRIPT.py" ]; then

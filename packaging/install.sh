@@ -155,8 +155,11 @@ trap 'rm -rf "$DEST"' EXIT
 say "building venv $DEST with $PYTHON"
 "$PYTHON" -m venv "$DEST"
 "$DEST/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "$SRC"
-# containerd runs the binary for every start and delete: the native launcher when
-# cc is found (CC=..., PYSHIM_NATIVE_LAUNCHER=0 to skip), else the Python one (-I -S)
+# containerd runs the binary for every start and delete. The wheel brought the
+# launcher pair; rebuild it for this venv (its exact paths, and the fork server
+# version of its interpreter, which a wheel built elsewhere may not have): the
+# native launcher when cc is found (CC=..., PYSHIM_NATIVE_LAUNCHER=0 to skip),
+# else the Python one (-I -S) and a warning
 "$DEST/bin/python" -I -m shimv2.launcher "$DEST/bin/$NAME"
 "$DEST/bin/$NAME" -v >/dev/null || die "the installed $NAME does not run"
 trap - EXIT

@@ -4,14 +4,19 @@
   has that BINDIR first and not the dev venv: containers run with the
   installed shim; a re-install while a container runs leaves its shim (and its
   release dir) alone; ``--uninstall`` removes the link.
+* the wheel (``python -m build``): a platform wheel carrying the native
+  launcher; ``pip install`` of it into a fresh venv, then a private containerd
+  with that venv's bin dir first on its PATH: after the first ``start`` (which
+  launches the fork server) no ``start`` or ``delete`` runs the Python launcher.
 * build-deb.sh: the .deb's metadata and layout (``dpkg-deb --info/--contents``,
   extracted with ``dpkg-deb -x``), the extracted console script runs, and a
   real install / upgrade / purge with ``dpkg --root`` into a temp root (own
   dpkg database, maintainer scripts unchrooted with ``DPKG_ROOT``). Nothing is
   installed on this machine itself (no plain ``dpkg -i``).
 
-The wheel is built once per module from this tree; pip fetches the
-dependencies from the configured index (or its cache).
+The wheel is built once per module from this tree, as users build it; pip
+fetches the build and runtime dependencies from the configured index (or its
+cache).
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import shimv2
-from shimv2 import launcher
+from shimv2 import forkserver, launcher
 
 from .harness import (
     RUNNING,
@@ -35,6 +41,8 @@ from .harness import (
     Containerd,
     HarnessError,
     exit_code_from_task_rm,
+    pid_alive,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -66,17 +74,101 @@ def run(
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # build from a copy: setuptools writes build/ and *.egg-info/ into the source tree
+    """``python -m build``: the sdist, then the wheel from it in an isolated
+    environment, from a copy (setuptools writes build/ and *.egg-info/ into the
+    source tree)."""
     src = tmp_path_factory.mktemp("src")
-    for f in ("pyproject.toml", "README.md"):
+    for f in ("pyproject.toml", "README.md", "setup.py"):
         shutil.copy2(REPO / f, src / f)
     shutil.copytree(REPO / "shimv2", src / "shimv2",
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     out = tmp_path_factory.mktemp("wheel")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(out), str(src)])  # fmt: skip
+    run([sys.executable, "-m", "build", "-o", str(out), str(src)])
     (whl,) = out.glob("pyshim-*.whl")
     return whl
+
+
+# --------------------------------------------------------------------------- the wheel
+
+
+def test_wheel_carries_the_native_launcher(wheel: Path) -> None:
+    # machine code, with the fork server version of this interpreter compiled in
+    impl = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    assert wheel.name.startswith(f"pyshim-{VERSION}-{impl}-{impl}-linux_"), wheel.name
+    scripts = f"pyshim-{VERSION}.data/scripts/"
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read(scripts + NAME)[:4] == b"\x7fELF"
+        assert z.getinfo(scripts + NAME).external_attr >> 16 & 0o111
+        # pip points "#!python" at the interpreter it installs for
+        assert z.read(f"{scripts}{NAME}.py").startswith(b"#!python\n")
+        # no console script of pip's to replace the native launcher
+        assert not [n for n in z.namelist() if n.endswith("/entry_points.txt")]
+
+
+def test_pip_installed_wheel_starts_without_an_interpreter(
+    wheel: Path, tmp_path: Path, e2e_tools: None, rootfs: Path
+) -> None:
+    """``pip install`` of the wheel into a fresh venv gives the native launcher,
+    and containerd's ``start`` and ``delete`` reach the fork server from it: the
+    Python launcher (the only way it starts an interpreter) runs for the first
+    ``start`` only, which finds no server yet and launches one."""
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)])
+    python = str(venv / "bin" / "python")
+    run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)])
+    binary = venv / "bin" / NAME
+    script = Path(f"{binary}.py")
+    assert launcher.is_native(str(binary)), "pip install gave no native launcher"
+    assert script.read_text().splitlines()[0] == f"#!{python}"
+    tag = run([python, "-c", "from shimv2 import forkserver; print(forkserver.version_tag())"],
+              cwd=tmp_path).strip()  # fmt: skip
+    assert tag.encode() in binary.read_bytes(), "not the fork server of the installed files"
+    assert f"Version:  {VERSION}" in run([str(binary), "-v"], cwd=tmp_path)
+
+    # every run of the Python launcher appends its arguments here
+    runs = tmp_path / "python-launcher-runs"
+    lines = script.read_text().splitlines(keepends=True)
+    record = f"open({str(runs)!r}, 'a').write(' '.join(__import__('sys').argv[1:]) + '\\n')\n"
+    script.write_text("".join([lines[0], record, *lines[1:]]))
+
+    c = Containerd(extra_env={"PATH": f"{venv / 'bin'}:{SYSTEM_PATH}"})
+    try:
+        c.start()
+    except HarnessError as e:
+        c.stop()
+        pytest.fail(f"could not start a private containerd: {e}", pytrace=False)
+    try:
+        _, _, log, pid_file = (Path(p) for p in forkserver.paths(c.env[forkserver.DIR_ENV], tag))
+        first = c.new_id("first")
+        r = c.ctr("run", "-d", "--runtime", RUNTIME, "--rootfs", str(rootfs), first,
+                  "/bin/sleep", "1000", timeout=30)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        c.wait_task_status(first, RUNNING)
+        # (and so do the daemon and the fork server it launches)
+        assert [r for r in runs.read_text().splitlines() if r.endswith(" start")], "no server yet"
+        wait_until(lambda: pid_file.exists() and pid_alive(int(pid_file.read_text() or 0)),
+                   timeout=30, what="the fork server")  # fmt: skip
+        server = int(pid_file.read_text())
+        runs.write_text("")
+
+        hello(c, rootfs)  # start, delete
+        second = c.new_id("second")
+        r = c.ctr("run", "-d", "--runtime", RUNTIME, "--rootfs", str(rootfs), second,
+                  "/bin/sleep", "1000", timeout=30)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        c.wait_task_status(second, RUNNING)
+        (shim,) = c.shim_processes(second)
+        assert shim.ppid() == server, "the daemon is not the fork server's child"
+        for cid in (first, second):
+            c.ctr("task", "kill", "-s", "SIGKILL", cid, timeout=15, check=True)
+            c.wait_task_status(cid, STOPPED)
+            c.ctr("task", "rm", cid, timeout=15, check=True)
+            c.ctr("container", "rm", cid, timeout=15, check=True)
+        c.assert_no_leaks(first, second)
+        assert runs.read_text() == "", "start/delete started the Python launcher"
+        assert log.read_text().count(": start runs in child") == 2, log.read_text()
+    finally:
+        c.stop(remove=not os.environ.get("PYSHIM_E2E_KEEP"))
 
 
 # --------------------------------------------------------------------------- install.sh
