@@ -4,6 +4,7 @@
 #   make lint   ruff check, ruff format --check, mypy
 #   make proto  regenerate shimv2/api from proto/
 #   make bench  run bench/suite.py (pyshim vs the Go shim: latency, memory, scale)
+#   make test-node  the `node` tests on a systemd + cgroup v2 VM (../shared/vm; ARGS=pytest args)
 
 SHELL  := /bin/bash
 PYTHON ?= python3
@@ -35,6 +36,10 @@ $(STAMP): pyproject.toml setup.py shimv2/launcher.c
 
 test: deps venv
 	$(VENV)/bin/pytest -q tests
+
+# runs entirely in the VM (it builds its own venv there); nothing here but the copy
+test-node:
+	scripts/test-node.sh $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

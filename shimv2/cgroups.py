@@ -659,7 +659,9 @@ class CgroupV2:
         As in the library, ``pids``, ``cpu``, ``memory``, ``io`` and ``rdma`` are
         always present (zeros for missing files), ``memory_events`` only when
         ``memory.events`` has content, and cpu.stat / memory.stat are only read
-        when their controller is enabled for the cgroup.
+        when their controller is enabled for the cgroup. Like cgroups v3.0.3+
+        (containerd 2.x, Debian's 1.7), also the peaks (``memory.peak``,
+        ``memory.swap.peak``) and the PSI figures of the ``*.pressure`` files.
         """
         from shimv2.api.containerd.cgroups.v2 import metrics_pb2 as pb
 
@@ -689,6 +691,15 @@ class CgroupV2:
         ms.usage_limit = _uint_or_max(os.path.join(d, "memory.max"))
         ms.swap_usage = _uint_or_max(os.path.join(d, "memory.swap.current"))
         ms.swap_limit = _uint_or_max(os.path.join(d, "memory.swap.max"))
+        # Linux 5.19+ (memory.peak) and 6.5+ (memory.swap.peak); 0 before.
+        ms.max_usage = _uint_or_max(os.path.join(d, "memory.peak"))
+        ms.swap_max_usage = _uint_or_max(os.path.join(d, "memory.swap.peak"))
+        for psi, name in (
+            (m.cpu.psi, "cpu.pressure"),
+            (ms.psi, "memory.pressure"),
+            (m.io.psi, "io.pressure"),
+        ):
+            _fill_psi(psi, os.path.join(d, name))
         events = _kv_file(os.path.join(d, "memory.events"))
         if events:
             for key in _V2_MEMORY_EVENTS:
@@ -709,6 +720,43 @@ class CgroupV2:
 
     async def watch_oom(self, on_oom: Callable[[], None]) -> None:
         await watch_oom_v2(self.dir, on_oom)
+
+
+def _fill_psi(psi: v2pb.PSIStats, path: str) -> None:
+    """A ``*.pressure`` file (``some|full avg10=F avg60=F avg300=F total=N`` lines)
+    into ``psi``. As in the library (cgroups v3.0.3+, containerd 1.7): left out
+    when the file is missing or unreadable (PSI off: EOPNOTSUPP) or any value
+    does not parse; present, maybe empty, otherwise."""
+    try:
+        text = _read(path)
+    except OSError:
+        return
+    if text is None:
+        return
+    parsed: dict[str, dict[str, float | int]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts or parts[0] not in ("some", "full"):
+            continue
+        values: dict[str, float | int] = {}
+        for pair in parts[1:]:
+            key, sep, text_value = pair.partition("=")
+            if not sep:
+                return
+            try:
+                if key == "total":
+                    values[key] = _parse_uint(text_value)
+                elif key in ("avg10", "avg60", "avg300"):
+                    values[key] = float(text_value)
+            except ValueError:
+                return
+        parsed[parts[0]] = values
+    psi.SetInParent()
+    for kind, values in parsed.items():
+        data = getattr(psi, kind)
+        data.SetInParent()
+        for key, number in values.items():
+            setattr(data, key, number)
 
 
 def _io_entries(text: str) -> list[v2pb.IOEntry]:

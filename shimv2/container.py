@@ -59,10 +59,24 @@ def has_own_pid_namespace(linux: dict[str, Any]) -> bool:
     )
 
 
-def wants_systemd_cgroup(linux: dict[str, Any]) -> bool:
-    """A ``slice:prefix:name`` cgroupsPath is systemd's (CRI writes it so even when it
-    cannot tell a non-runc runtime to use the systemd driver)."""
-    return ":" in str(linux.get("cgroupsPath") or "")
+#: exists only when systemd is PID 1 (sd_booted(3)); runc tests the same path
+SYSTEMD_RUN_DIR = "/run/systemd/system"
+
+
+def systemd_running() -> bool:
+    return os.path.isdir(SYSTEMD_RUN_DIR)
+
+
+def wants_systemd_cgroup(explicit: bool | None, linux: dict[str, Any]) -> bool:
+    """Whether runc gets ``--systemd-cgroup``: an explicit ``SystemdCgroup`` option
+    wins; without one, a ``slice:prefix:name`` cgroupsPath asks for the systemd
+    driver (CRI writes it for a ``.slice`` parent but sends a non-runc runtime no
+    runc options), but only where systemd runs. Elsewhere runc's cgroupfs driver
+    takes the path as a plain cgroup name, as with the Go shim: forcing systemd
+    there makes runc refuse every container."""
+    if explicit is not None:
+        return explicit
+    return ":" in str(linux.get("cgroupsPath") or "") and systemd_running()
 
 
 class Container:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from shimv2.protowire import type_name
@@ -48,6 +48,7 @@ _TOML_KEYS = {
     "criuimagepath": "criu_image_path",
     "criuworkpath": "criu_work_path",
     "spoollimitbytes": "spool_limit_bytes",  # ours: no runc Options field
+    "otelenv": "otel_env",  # ours: OTEL_* settings for shimv2.tracing, over the environment
 }
 _TOML_IGNORED = {"typeurl", "configpath"}
 
@@ -56,7 +57,8 @@ _TOML_IGNORED = {"typeurl", "configpath"}
 class ShimOptions:
     binary_name: str = ""
     root: str = ""
-    systemd_cgroup: bool = False
+    # None: not given; a systemd cgroupsPath may decide (container.wants_systemd_cgroup).
+    systemd_cgroup: bool | None = None
     no_pivot_root: bool = False
     no_new_keyring: bool = False
     shim_cgroup: str = ""
@@ -66,6 +68,7 @@ class ShimOptions:
     criu_image_path: str = ""
     criu_work_path: str = ""
     spool_limit_bytes: int = -1  # -1: $PYSHIM_SPOOL_LIMIT_BYTES, else DEFAULT_SPOOL_LIMIT
+    otel_env: dict[str, str] = field(default_factory=dict)  # OTEL_* name -> value
 
     @property
     def runc_binary(self) -> str:
@@ -92,7 +95,14 @@ class ShimOptions:
 
     def to_json(self) -> str:
         defaults = asdict(ShimOptions())
-        return json.dumps({k: v for k, v in asdict(self).items() if v != defaults[k]})
+        # false and unset mean the same to `delete`: leave both out (Go's omitempty)
+        return json.dumps(
+            {
+                k: v
+                for k, v in asdict(self).items()
+                if v != defaults[k] and v is not None and v is not False
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> ShimOptions:
@@ -112,11 +122,16 @@ def from_toml(text: str) -> ShimOptions:
             if norm not in _TOML_IGNORED:
                 log.info("ignoring unknown runtime option %r", key)
             continue
-        expected = type(getattr(options, attr))
+        default = getattr(options, attr)
+        expected = bool if default is None else type(default)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ValueError(f"runtime option {key!r} must be {expected.__name__}")
         if attr == "spool_limit_bytes" and value < 0:
             raise ValueError(f"runtime option {key!r} must not be negative")
+        if isinstance(value, dict) and not all(
+            k.startswith("OTEL_") and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ValueError(f"runtime option {key!r} takes OTEL_* names with string values")
         setattr(options, attr, value)
     return options
 
@@ -206,7 +221,7 @@ def _from_runc(value: bytes) -> ShimOptions:
     return ShimOptions(
         binary_name=o.binary_name,
         root=o.root,
-        systemd_cgroup=o.systemd_cgroup,
+        systemd_cgroup=o.systemd_cgroup or None,  # proto3: false is never on the wire
         no_pivot_root=o.no_pivot_root,
         no_new_keyring=o.no_new_keyring,
         shim_cgroup=o.shim_cgroup,
@@ -241,7 +256,7 @@ def _from_legacy_runc(value: bytes) -> ShimOptions:
         binary_name=o.runtime,
         root=o.runtime_root,
         criu_path=o.criu_path,
-        systemd_cgroup=o.systemd_cgroup,
+        systemd_cgroup=o.systemd_cgroup or None,
     )
 
 

@@ -103,11 +103,9 @@ def _prepare_bundle(
     bundle: str, container_id: str, opts: shimoptions.ShimOptions
 ) -> dict[str, Any]:
     """config.json's ``linux`` section (ValueError if unusable),
-    then the runc options (with the systemd driver a systemd cgroupsPath asks
-    for) persisted for ``delete``."""
+    then the runc options (with the cgroup driver decided) persisted for ``delete``."""
     linux = check_spec(bundle)
-    if wants_systemd_cgroup(linux):
-        opts.systemd_cgroup = True
+    opts.systemd_cgroup = wants_systemd_cgroup(opts.systemd_cgroup, linux)
     try:
         bundlefiles.write_runc_options(bundle, opts)
     except OSError as exc:

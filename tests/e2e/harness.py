@@ -157,6 +157,9 @@ class CriConfig:
         default_factory=lambda: {"runc": RUNTIMES["go"], "pyshim": RUNTIMES["pyshim"]}
     )
     snapshotter: str = "overlayfs"
+    #: ``SystemdCgroup = true`` in every runtime's options (a systemd node's setting;
+    #: pods then need a ``.slice`` cgroup parent)
+    systemd_cgroup: bool = False
 
     def toml(self, base: Path) -> str:
         for d in ("cni-bin", "cni-conf"):
@@ -184,6 +187,11 @@ class CriConfig:
             out += f"""
 [{cri}.containerd.runtimes.{name}]
   runtime_type = "{runtime_type}"
+"""
+            if self.systemd_cgroup:
+                out += f"""
+[{cri}.containerd.runtimes.{name}.options]
+  SystemdCgroup = true
 """
         return out
 

@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 import pytest
 
+from .cgroupfs import SYSTEMD, cgroup_path
 from .cri import api_pb2 as cri
 from .cri import api_pb2_grpc as cri_grpc
 from .harness import (
@@ -53,6 +54,10 @@ CRI_NAMESPACE = "k8s.io"
 BUSYBOX_IMAGE = "localhost/pyshim/busybox:1"
 PAUSE_IMAGE = "localhost/pyshim/pause:1"
 HANDLERS = {"pyshim": RUNTIMES["pyshim"], "runc": RUNTIMES["go"]}
+# Where systemd runs, CRI is set up as on a Kubernetes node there: the systemd
+# cgroup driver for every handler, and pods under a slice, which CRI turns into
+# "system.slice:cri-containerd:<id>" (runc: a cri-containerd-<id>.scope unit).
+CGROUP_PARENT = "system.slice" if SYSTEMD else ""
 RPC_TIMEOUT = 30.0
 MiB = 1024 * 1024
 
@@ -151,7 +156,8 @@ def _shared_k8s_dirs() -> list[Path]:
 def _module_containerd(e2e_tools: None) -> Iterator[Containerd]:
     """Overrides conftest's: this module's containerd runs CRI (namespace k8s.io)."""
     existed = {d for d in _shared_k8s_dirs() if d.exists()}
-    c = Containerd(namespace=CRI_NAMESPACE, cri=CriConfig(sandbox_image=PAUSE_IMAGE))
+    config = CriConfig(sandbox_image=PAUSE_IMAGE, systemd_cgroup=SYSTEMD)
+    c = Containerd(namespace=CRI_NAMESPACE, cri=config)
     try:
         c.start()
         archive = build_oci_archive(
@@ -280,6 +286,7 @@ def _container_config(
     )
 
 
+@pytest.mark.node
 @pytest.mark.parametrize("handler", list(HANDLERS))
 def test_cri_pod_lifecycle(containerd: Containerd, cri_client: Cri, handler: str) -> None:
     c, client = containerd, cri_client
@@ -294,11 +301,12 @@ def test_cri_pod_lifecycle(containerd: Containerd, cri_client: Cri, handler: str
         metadata=cri.PodSandboxMetadata(name=f"cri-{handler}", uid=uid, namespace="e2e"),
         log_directory=str(log_dir),
         linux=cri.LinuxPodSandboxConfig(
+            cgroup_parent=CGROUP_PARENT,
             security_context=cri.LinuxSandboxSecurityContext(
                 namespace_options=cri.NamespaceOption(
                     network=cri.NODE, pid=cri.CONTAINER, ipc=cri.POD
                 )
-            )
+            ),
         ),
     )
     pod = client.RunPodSandbox(
@@ -327,6 +335,10 @@ def test_cri_pod_lifecycle(containerd: Containerd, cri_client: Cri, handler: str
     client.containers.append(cid)
     client.StartContainer(cri.StartContainerRequest(container_id=cid))
     assert _status(client, cid).state == cri.CONTAINER_RUNNING
+    if SYSTEMD:  # runc's systemd driver made the container's scope
+        task_pid = c.task_pid(cid)
+        assert task_pid
+        assert cgroup_path(task_pid) == f"/system.slice/cri-containerd-{cid}.scope"
 
     r = client.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["echo", "exec-ok"], timeout=20))
     assert (r.exit_code, r.stdout, r.stderr) == (0, b"exec-ok\n", b"")

@@ -17,13 +17,13 @@ from google.protobuf import any_pb2, empty_pb2
 from shimv2.api.containerd.task.v2 import shim_pb2 as api
 from shimv2.ttrpc import Code, TTRPCError, connect
 
+from .cgroupfs import frozen, read_limit
 from .harness import PAUSED, RUNNING, STOPPED, Containerd, exit_code_from_task_rm
 
 pytestmark = pytest.mark.e2e
 
 TASK = "containerd.task.v2.Task"
 RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
-PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
 
 
 def run_sleeper(c: Containerd, runtime: str, rootfs: Path, cid: str) -> int:
@@ -48,24 +48,19 @@ def update(c: Containerd, cid: str, type_url: str, value: bytes) -> None:
     trio.run(call)
 
 
-def pids_max(pid: int) -> str:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "pids" in controllers.split(","):
-            return (PIDS_CGROUP / path.lstrip("/") / "pids.max").read_text().strip()
-    raise AssertionError(f"no pids cgroup for {pid}")
-
-
+@pytest.mark.node
 def test_pause_resume(containerd: Containerd, runtime: str, rootfs: Path, cid: str) -> None:
     watcher = containerd.events()
     try:
         pid = run_sleeper(containerd, runtime, rootfs, cid)
         assert containerd.ctr("task", "pause", cid).returncode == 0
         assert containerd.task_status(cid) == PAUSED
+        assert frozen(pid)  # the v1 or v2 freezer
         r = containerd.ctr("task", "pause", cid)
         assert r.returncode != 0 and "cannot pause a paused container" in r.stderr, r.stderr
         assert containerd.ctr("task", "resume", cid).returncode == 0
         assert containerd.tasks()[cid] == (pid, RUNNING)
+        assert not frozen(pid)
         r = containerd.ctr("task", "resume", cid)
         assert r.returncode != 0 and "cannot resume a running process" in r.stderr, r.stderr
         watcher.wait_for(cid, "/tasks/resumed")
@@ -98,10 +93,17 @@ def test_paused_container_killed_and_deleted(
     containerd.assert_no_leaks(cid)
 
 
-def test_update_pids_limit(containerd: Containerd, runtime: str, rootfs: Path, cid: str) -> None:
+@pytest.mark.node
+def test_update_pids_and_memory_limits(
+    containerd: Containerd, runtime: str, rootfs: Path, cid: str
+) -> None:
     pid = run_sleeper(containerd, runtime, rootfs, cid)
     update(containerd, cid, RESOURCES_URL, json.dumps({"pids": {"limit": 42}}).encode())
-    assert pids_max(pid) == "42"
+    assert read_limit(pid, "pids", "pids.max", "pids.max") == "42"
+    resources = {"memory": {"limit": 64 << 20}}
+    update(containerd, cid, RESOURCES_URL, json.dumps(resources).encode())
+    assert read_limit(pid, "memory", "memory.limit_in_bytes", "memory.max") == str(64 << 20)
+    assert read_limit(pid, "pids", "pids.max", "pids.max") == "42"  # left alone
     containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
     containerd.wait_task_status(cid, STOPPED, timeout=10)
     r = containerd.ctr("task", "rm", cid)

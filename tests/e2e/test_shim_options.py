@@ -18,24 +18,21 @@ from pathlib import Path
 
 import pytest
 
+from .cgroupfs import make_cgroup
 from .harness import RUNNING, STOPPED, Containerd
 
 pytestmark = pytest.mark.e2e
 
 PYSHIM = "io.containerd.pyshim.v2"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @pytest.fixture
-def shim_cgroup() -> Iterator[str]:
-    """A fresh cgroup in every v1 hierarchy (as containerd's test pre-creates it)."""
+def shim_cgroup_dirs() -> Iterator[list[Path]]:
+    """A fresh cgroup, in the unified hierarchy or in some v1 hierarchies (as
+    containerd's test pre-creates it); its name is the dirs' common tail."""
     name = f"/pyshim-shim-{uuid.uuid4().hex[:8]}"
-    made = []
-    for hierarchy in ("devices", "pids", "memory"):
-        path = CGROUP_ROOT / hierarchy / name.lstrip("/")
-        path.mkdir()
-        made.append(path)
-    yield name
+    made = make_cgroup(name, ("devices", "pids", "memory"))
+    yield made
     for path in made:
         for _ in range(50):
             try:
@@ -45,9 +42,11 @@ def shim_cgroup() -> Iterator[str]:
                 time.sleep(0.1)
 
 
+@pytest.mark.node
 def test_shim_cgroup_and_oom_score(
-    containerd: Containerd, rootfs: Path, cid: str, tmp_path: Path, shim_cgroup: str
+    containerd: Containerd, rootfs: Path, cid: str, tmp_path: Path, shim_cgroup_dirs: list[Path]
 ) -> None:
+    shim_cgroup = "/" + shim_cgroup_dirs[0].name
     config = tmp_path / "pyshim.toml"
     config.write_text(f'ShimCgroup = "{shim_cgroup}"\n')
     r = containerd.ctr(
@@ -59,9 +58,8 @@ def test_shim_cgroup_and_oom_score(
     shims = containerd.shim_processes(cid)
     assert len(shims) == 1, shims
     shim_pid = shims[0].pid
-    for hierarchy in ("devices", "pids", "memory"):
-        procs = (CGROUP_ROOT / hierarchy / shim_cgroup.lstrip("/") / "cgroup.procs").read_text()
-        assert str(shim_pid) in procs.split(), f"shim {shim_pid} not in {hierarchy}{shim_cgroup}"
+    for d in shim_cgroup_dirs:
+        assert str(shim_pid) in (d / "cgroup.procs").read_text().split(), f"shim not in {d}"
     containerd_pid = containerd.pid
     assert containerd_pid
     ours = int(Path(f"/proc/{containerd_pid}/oom_score_adj").read_text())
@@ -72,7 +70,7 @@ def test_shim_cgroup_and_oom_score(
     containerd.ctr("task", "rm", cid)
     containerd.ctr("container", "rm", cid)
     containerd.assert_no_leaks(cid)
-    assert os.path.isdir(CGROUP_ROOT / "pids" / shim_cgroup.lstrip("/"))
+    assert all(os.path.isdir(d) for d in shim_cgroup_dirs)
 
 
 def test_no_pivot_from_legacy_create_options(

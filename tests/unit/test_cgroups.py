@@ -2,8 +2,9 @@
 
 Fake trees in tmp_path use the file formats of a real kernel (copied from the
 v1 hierarchies of the test machine, and the cgroup2 documentation for v2).
-The tests marked "real" create their own cgroups under /sys/fs/cgroup (root,
-cgroup v1 memory controller) and remove them again.
+The tests marked "real" create their own cgroups under /sys/fs/cgroup (root;
+v1 hierarchies or the unified v2 one, each skipped on the other kind of
+host) and remove them again.
 """
 
 from __future__ import annotations
@@ -613,7 +614,21 @@ V2_FILES = {
     "memory.max": "max\n",
     "memory.swap.current": "4096\n",
     "memory.swap.max": "536870912\n",
+    "memory.peak": "31457280\n",
+    "memory.swap.peak": "8192\n",
     "memory.events": "low 1\nhigh 2\nmax 3\noom 4\noom_kill 5\noom_group_kill 0\n",
+    "cpu.pressure": (
+        "some avg10=1.25 avg60=0.50 avg300=0.10 total=123456\n"
+        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+    ),
+    "memory.pressure": (
+        "some avg10=12.34 avg60=5.67 avg300=1.01 total=987654321\n"
+        "full avg10=10.00 avg60=4.00 avg300=0.75 total=876543210\n"
+    ),
+    "io.pressure": (
+        "some avg10=0.00 avg60=0.02 avg300=0.00 total=4242\n"
+        "full avg10=0.00 avg60=0.01 avg300=0.00 total=4000\n"
+    ),
     "pids.current": "7\n",
     "pids.max": "max\n",
     "io.stat": (
@@ -632,6 +647,15 @@ V2_FILES = {
 }
 
 
+def psi(
+    some: tuple[float, float, float, int], full: tuple[float, float, float, int]
+) -> v2pb.PSIStats:
+    def data(values: tuple[float, float, float, int]) -> v2pb.PSIData:
+        return v2pb.PSIData(avg10=values[0], avg60=values[1], avg300=values[2], total=values[3])
+
+    return v2pb.PSIStats(some=data(some), full=data(full))
+
+
 def test_v2_stats_every_field(tmp_path: Path) -> None:
     write_tree(tmp_path / "ctr/abc", V2_FILES)
     m = CgroupV2("/ctr/abc", str(tmp_path)).stats()
@@ -645,9 +669,17 @@ def test_v2_stats_every_field(tmp_path: Path) -> None:
             nr_periods=11,
             nr_throttled=2,
             throttled_usec=39512,
+            psi=psi(some=(1.25, 0.5, 0.1, 123456), full=(0, 0, 0, 0)),
         ),
         memory=v2pb.MemoryStat(
-            **memory, usage=23891968, usage_limit=MAX64, swap_usage=4096, swap_limit=536870912
+            **memory,
+            usage=23891968,
+            usage_limit=MAX64,
+            swap_usage=4096,
+            swap_limit=536870912,
+            max_usage=31457280,  # memory.peak
+            swap_max_usage=8192,
+            psi=psi(some=(12.34, 5.67, 1.01, 987654321), full=(10, 4, 0.75, 876543210)),
         ),
         rdma=v2pb.RdmaStat(
             current=[v2pb.RdmaEntry(device="mlx4_0", hca_handles=2, hca_objects=2000)],
@@ -659,7 +691,8 @@ def test_v2_stats_every_field(tmp_path: Path) -> None:
                     major=8, minor=0, rbytes=1459200, wbytes=314773504, rios=192, wios=353
                 ),
                 v2pb.IOEntry(major=254, minor=16, rbytes=4096, wbytes=0, rios=1, wios=0),
-            ]
+            ],
+            psi=psi(some=(0, 0.02, 0, 4242), full=(0, 0.01, 0, 4000)),
         ),
         hugetlb=[
             v2pb.HugeTlbStat(current=0, max=1073741824, pagesize="1GB"),
@@ -678,6 +711,8 @@ def test_v2_sparse_cgroup(tmp_path: Path) -> None:
     files = dict(V2_FILES, **{"cgroup.controllers": "pids\n"})
     for name in ("memory.events", "io.stat", "rdma.current", "rdma.max", "pids.max"):
         del files[name]
+    for name in ("memory.peak", "memory.swap.peak", "cpu.pressure", "io.pressure"):
+        del files[name]  # older kernels, or PSI compiled out
     files = {k: v for k, v in files.items() if not k.startswith("hugetlb.")}
     write_tree(tmp_path / "c", files)
     m = CgroupV2("c", str(tmp_path)).stats()
@@ -685,11 +720,17 @@ def test_v2_sparse_cgroup(tmp_path: Path) -> None:
         assert m.HasField(name), name
     assert not m.HasField("memory_events")
     assert m.pids == v2pb.PidsStat(current=7, limit=0)
-    assert m.cpu == v2pb.CPUStat()
+    assert m.cpu == v2pb.CPUStat() and not m.cpu.HasField("psi")
     assert m.memory == v2pb.MemoryStat(
-        usage=23891968, usage_limit=MAX64, swap_usage=4096, swap_limit=536870912
+        usage=23891968,
+        usage_limit=MAX64,
+        swap_usage=4096,
+        swap_limit=536870912,
+        psi=psi(some=(12.34, 5.67, 1.01, 987654321), full=(10, 4, 0.75, 876543210)),
     )
+    assert m.memory.max_usage == 0 and m.memory.swap_max_usage == 0  # no *.peak files
     assert m.io == v2pb.IOStat() and m.rdma == v2pb.RdmaStat() and not m.hugetlb
+    assert not m.io.HasField("psi")
 
 
 def test_v2_empty_memory_events_and_garbage(tmp_path: Path) -> None:
@@ -701,6 +742,32 @@ def test_v2_empty_memory_events_and_garbage(tmp_path: Path) -> None:
     assert m.memory.usage == 0
     # an unparsable device ends io.stat parsing, as in the library
     assert list(m.io.usage) == [v2pb.IOEntry(major=8, minor=0, rbytes=1, rios=2)]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Linux < 5.13 has no "full" line in cpu.pressure
+        ("some avg10=0.50 avg60=0.25 avg300=0.05 total=77\n", v2pb.PSIStats(
+            some=v2pb.PSIData(avg10=0.5, avg60=0.25, avg300=0.05, total=77))),
+        ("", v2pb.PSIStats()),  # present but empty: an empty message, as in the library
+        # unknown keys and lines are skipped
+        ("some avg10=1.00 future=3 total=5\nwhat 1\n\n", v2pb.PSIStats(
+            some=v2pb.PSIData(avg10=1.0, total=5))),
+        ("some avg10=x avg60=0.00 avg300=0.00 total=1\n", None),  # unparsable: left out
+        ("some avg10=0.00 total=-\n", None),
+        ("full avg10\n", None),
+    ],
+)  # fmt: skip
+def test_v2_pressure_parsing(tmp_path: Path, text: str, expected: v2pb.PSIStats | None) -> None:
+    write_tree(tmp_path / "c", {"cgroup.controllers": "", "memory.pressure": text})
+    m = CgroupV2("/c", str(tmp_path)).stats()
+    if expected is None:
+        assert not m.memory.HasField("psi")
+    else:
+        assert m.memory.HasField("psi") and m.memory.psi == expected
+        assert m.memory.psi.HasField("full") == expected.HasField("full")
+    assert not m.cpu.HasField("psi") and not m.io.HasField("psi")  # no such files
 
 
 def test_v2_vanished_cgroup_raises_gone(tmp_path: Path) -> None:
@@ -871,6 +938,12 @@ def test_module_import_stays_light() -> None:
 
 V1_ROOT = "/sys/fs/cgroup"
 
+# Unified-only hosts (systemd + cgroup v2) have no v1 memory hierarchy to test with.
+needs_v1 = pytest.mark.skipif(
+    cgroups.is_unified() or not os.path.isdir(os.path.join(V1_ROOT, "memory")),
+    reason="no cgroup v1 memory hierarchy under /sys/fs/cgroup (unified cgroup v2 host)",
+)
+
 
 def make_v1_cgroups(name: str, controllers: Iterable[str]) -> list[str]:
     made: list[str] = []
@@ -917,9 +990,8 @@ async def wait_for(predicate: Callable[[], bool]) -> None:
             await trio.sleep(0.01)
 
 
+@needs_v1
 async def test_v1_stats_of_a_real_process() -> None:
-    if cgroups.is_unified():
-        pytest.fail("this test expects cgroup v1 hierarchies under /sys/fs/cgroup")
     name = f"pyshim-test-{secrets.token_hex(4)}"
     dirs = make_v1_cgroups(name, ("pids", "cpu", "cpuacct", "memory", "blkio"))
     procs = [os.path.join(d, "cgroup.procs") for d in dirs]
@@ -950,6 +1022,7 @@ async def test_v1_stats_of_a_real_process() -> None:
         await remove_cgroups(dirs)
 
 
+@needs_v1
 async def test_oom_v1_real() -> None:
     name = f"pyshim-test-{secrets.token_hex(4)}"
     [d] = make_v1_cgroups(name, ("memory",))
@@ -984,6 +1057,93 @@ async def test_oom_v1_real() -> None:
                 await w.done.wait()
         assert w.calls >= 1
     finally:
+        await remove_cgroups([d])
+
+
+# --------------------------------------------------------------------------- real cgroups (v2)
+
+needs_v2 = pytest.mark.skipif(
+    not cgroups.is_unified(), reason="/sys/fs/cgroup is not a unified cgroup v2 hierarchy"
+)
+
+
+def make_v2_cgroup(name: str, controllers: Iterable[str]) -> str:
+    """A cgroup directly under the v2 root with ``controllers`` enabled for it."""
+    enabled = Path(cgroups.DEFAULT_ROOT, "cgroup.subtree_control").read_text().split()
+    missing = [c for c in controllers if c not in enabled]
+    if missing:
+        pytest.fail(
+            f"controllers {missing} not enabled in {cgroups.DEFAULT_ROOT}/cgroup.subtree_control"
+        )
+    path = os.path.join(cgroups.DEFAULT_ROOT, name)
+    os.mkdir(path)
+    return path
+
+
+@pytest.mark.node
+@needs_v2
+async def test_v2_stats_of_a_real_process() -> None:
+    d = make_v2_cgroup(f"pyshim-test-{secrets.token_hex(4)}", ("cpu", "memory", "pids", "io"))
+    child = subprocess.Popen(["sh", "-c", f"{JOIN_AND_EXEC} 30", "sleep", f"{d}/cgroup.procs"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        await wait_for(lambda: stat.read_text().split()[1:3] == ["(sleep)", "S"])
+        cg = detect(child.pid)
+        assert isinstance(cg, CgroupV2) and cg.dir == d
+        m = cg.stats()
+        assert m.pids == v2pb.PidsStat(current=1, limit=MAX64)
+        assert m.cpu.usage_usec > 0
+        assert m.memory.usage > 0 and m.memory.usage_limit == MAX64
+        if os.path.exists(f"{d}/memory.peak"):  # Linux 5.19+
+            assert m.memory.max_usage >= m.memory.usage
+        if os.path.exists(f"{d}/memory.pressure"):  # PSI built in and on
+            for stat_psi in (m.cpu.psi, m.memory.psi, m.io.psi):
+                assert stat_psi.HasField("some"), m
+        assert m.memory_events.oom_kill == 0
+    finally:
+        child.kill()
+        child.wait()
+        await remove_cgroups([d])
+
+
+@pytest.mark.node
+@needs_v2
+async def test_oom_v2_real() -> None:
+    d = make_v2_cgroup(f"pyshim-test-{secrets.token_hex(4)}", ("memory",))
+    procs = os.path.join(d, "cgroup.procs")
+    # A sleeper keeps the cgroup populated, so the watcher outlives the hog.
+    sleeper = subprocess.Popen(["sh", "-c", f"{JOIN_AND_EXEC} 60", "sleep", procs])
+    try:
+        await wait_for(lambda: Path(d, "cgroup.procs").read_text().strip() != "")
+        Path(d, "memory.max").write_text(str(16 << 20))
+        if os.path.exists(os.path.join(d, "memory.swap.max")):
+            Path(d, "memory.swap.max").write_text("0")  # no escape into swap
+        w = Watch()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(w.run_v2, Path(d))
+            await settle()
+            assert not w.done.is_set(), "watcher did not start"
+            hog = [sys.executable, "-c", "b = b'x' * (64 << 20)"]
+            argv = ["sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh", procs, *hog]
+            with trio.fail_after(60):
+                proc = await trio.run_process(argv, check=False)
+            assert proc.returncode == -signal.SIGKILL, f"child not OOM-killed: {proc.returncode}"
+            with trio.fail_after(10):
+                while w.calls == 0:
+                    await trio.sleep(0.01)
+            m = CgroupV2("/" + os.path.basename(d)).stats()
+            assert m.memory_events.oom_kill >= 1
+            assert m.memory.usage_limit == 16 << 20
+            # The last process gone ("populated 0" in cgroup.events) ends the watcher.
+            sleeper.kill()
+            sleeper.wait()
+            with trio.fail_after(10):
+                await w.done.wait()
+        assert w.calls >= 1
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
         await remove_cgroups([d])
 
 

@@ -198,6 +198,22 @@ def test_toml_keys_case_insensitive_and_snake_case(key: str) -> None:
     assert from_toml(f"{key} = true").systemd_cgroup is True
 
 
+def test_systemd_cgroup_given_or_not() -> None:
+    # Only a given value overrides the cgroupsPath inference (container.wants_systemd_cgroup).
+    assert from_toml("").systemd_cgroup is None
+    assert from_toml("SystemdCgroup = false").systemd_cgroup is False
+    assert from_any(options.RUNC_OPTIONS, b"").systemd_cgroup is None  # false: not on the wire
+    runc = oci_pb2.Options(systemd_cgroup=True).SerializeToString()
+    assert from_any(options.RUNC_OPTIONS, runc).systemd_cgroup is True
+    with pytest.raises(ValueError, match="must be bool"):
+        from_toml('SystemdCgroup = "yes"')
+    # persisted for `delete`: false and unset are both left out
+    assert ShimOptions(systemd_cgroup=False).to_json() == "{}"
+    assert ShimOptions(systemd_cgroup=True, spool_limit_bytes=0).to_json() == (
+        '{"systemd_cgroup": true, "spool_limit_bytes": 0}'
+    )
+
+
 def test_toml_every_key() -> None:
     text = """
 binary_name = "b"
