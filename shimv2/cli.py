@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None, local: bool = False) -> int:
         from shimv2 import manager
 
         return manager.delete(flags)
+    if flags.action == "debug":  # flags may follow the action here
+        from shimv2.devtools import debugview
+
+        return debugview.main(flags, args[args.index("debug") + 1 :])
     if flags.action == "forkserver":  # internal: launched by ``start`` (see forkserver.py)
         from shimv2 import forkserver
 

@@ -19,6 +19,7 @@ import sys
 
 import trio
 
+from shimv2 import debug, tracing
 from shimv2.cli import Flags
 from shimv2.events import Publisher
 from shimv2.reaper import Reaper
@@ -92,6 +93,17 @@ async def serve(flags: Flags, listener: socket.socket, socket_path: str) -> None
         )
         for name in TASK_SERVICES:
             server.register_service(name, service.methods())
+        intro = debug.Introspection(service, publisher, reaper, server)
+        tracing.set_stats_source(intro.stats)
+        tracing.configure(os.environ)  # before serving: Create must find it on
+        debug_path = debug.socket_path(socket_path) if socket_path else ""
+        if debug_path:
+            try:
+                await nursery.start(debug.serve, intro, debug.bind(debug_path))
+            except OSError as exc:
+                log.warning("no debug socket %s: %s", debug_path, exc)
+                debug_path = ""
+        nursery.start_soon(debug.dump_on_sigusr1)
         nursery.start_soon(publisher.run)
         await nursery.start(server.serve, trio.socket.from_stdlib_socket(listener))
 
@@ -110,12 +122,14 @@ async def serve(flags: Flags, listener: socket.socket, socket_path: str) -> None
         # waited for beyond that.
         with trio.move_on_after(SHUTDOWN_REPLY_TIMEOUT):
             await server.drained()
-        if socket_path:
-            with contextlib.suppress(OSError):
-                os.unlink(socket_path)
+        for path in (socket_path, debug_path):
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         if not await publisher.flush(EVENT_FLUSH_TIMEOUT):
             log.warning("exiting with %d undelivered events", publisher.pending)
         publisher.close_journals()
+        await tracing.shutdown()
         nursery.cancel_scope.cancel()
 
 

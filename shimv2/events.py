@@ -19,6 +19,7 @@ import collections
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import trio
@@ -51,6 +52,16 @@ class _Queued(NamedTuple):
     seq: int  # in the journal
 
 
+@dataclass
+class EventCounts:
+    """Totals since the daemon started (the debug view and the metrics read them)."""
+
+    published: int = 0
+    journaled: int = 0
+    retried: int = 0  # failed delivery attempts
+    dropped: int = 0  # events given up on: refused, unreadable, or no containerd address
+
+
 class Publisher:
     def __init__(self, address: str, namespace: str) -> None:
         self._address = address.removeprefix("unix://")
@@ -62,12 +73,15 @@ class Publisher:
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
+        self.counts = EventCounts()
 
     def publish(self, topic: str, event: Message) -> None:
         envelope = events_pb2.Envelope(namespace=self._namespace, topic=topic, event=pack(event))
         envelope.timestamp.FromNanoseconds(time.time_ns())
         journal = self._journals.get(getattr(event, "container_id", ""))
         seq = journal.append(topic, envelope.SerializeToString()) if journal else 0
+        self.counts.published += 1
+        self.counts.journaled += journal is not None
         self._enqueue(_Queued(envelope, journal, seq))
 
     def _enqueue(self, item: _Queued) -> None:
@@ -138,13 +152,14 @@ class Publisher:
             if not self._address:
                 log.warning("no TTRPC_ADDRESS: dropping %d events", len(self._queue))
                 while self._queue:
-                    self._pop()
+                    self._pop(dropped=True)
                 continue
             try:
                 async with connect(self._address) as client:
                     delay = FIRST_RETRY
                     await self._deliver(client)
             except (OSError, TTRPCError) as exc:
+                self.counts.retried += 1
                 if self._stale:
                     # The kept connection died while quiet (containerd restarted):
                     # a new one, at once, before any back-off.
@@ -168,7 +183,7 @@ class Publisher:
                 self._stale = True  # until a call on it succeeds again
             envelope = self._queue[0].envelope
             if envelope is None:
-                self._pop()
+                self._pop(dropped=True)
                 continue
             try:
                 await client.call(
@@ -185,13 +200,25 @@ class Publisher:
                 # is up: this event will never go through; do not block the others.
                 if exc.code == Code.INVALID_ARGUMENT or self._head_failures >= MAX_REFUSALS:
                     log.error("containerd refused event %s, dropping it: %s", envelope.topic, exc)
-                    self._pop()
+                    self._pop(dropped=True)
                     continue
                 raise
             self._stale = False
             self._pop()
 
-    def _pop(self) -> None:
+    def snapshot(self) -> dict[str, Any]:
+        """What is queued and journaled, for the debug view."""
+        return {
+            "queued": [item.envelope.topic if item.envelope else "?" for item in self._queue],
+            "journals": {
+                cid: {"path": j.path, "pending": j.pending, "failed": j.failed}
+                for cid, j in self._journals.items()
+            },
+            "counts": asdict(self.counts),
+        }
+
+    def _pop(self, dropped: bool = False) -> None:
+        self.counts.dropped += dropped
         item = self._queue.popleft()
         self._head_failures = 0
         if item.journal is not None:

@@ -66,6 +66,7 @@ class Reaper:
         self._children: dict[int, Child] = {}
         self._programs: dict[tuple[str, str], str] = {}  # (name, PATH) -> path
         self._listeners: list[ExitListener] = []
+        self.reaped = 0  # exits collected since start (metrics, debug view)
 
     def subscribe(self, listener: ExitListener) -> None:
         """Call ``listener`` synchronously for every exit, in reaping order."""
@@ -107,6 +108,11 @@ class Reaper:
         self._children[pid] = child
         return child
 
+    @property
+    def children(self) -> list[int]:
+        """Pids spawned here and not reaped yet (runc, loggers)."""
+        return list(self._children)
+
     def _resolve(self, program: str, path: str) -> str:
         """Where ``program`` is on ``path``, looked up once: posix_spawnp would try
         every PATH entry in each child (four failed execs before runc, here)."""
@@ -129,6 +135,7 @@ class Reaper:
             if pid == 0:
                 break
             exits.append(Exit(pid, exit_status(status), time.time_ns()))
+        self.reaped += len(exits)
         for e in exits:
             log.debug("reaped pid %d status %d", e.pid, e.status)
             child = self._children.pop(e.pid, None)

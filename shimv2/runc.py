@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
+from shimv2 import tracing
 from shimv2.options import ShimOptions
 from shimv2.reaper import Reaper
 from shimv2.runccmd import global_args, last_runc_error, log_size, runc_env
@@ -100,7 +101,18 @@ class Runc:
 
         With ``stdio`` the child's fds 0-2 are the given (container) fds and its
         output is not captured: runc hands them on to the container process.
+        Traced: runc gets the span's TRACEPARENT, and so do the OCI hooks it runs.
         """
+        with tracing.start_span(f"runc {args[0]}", **{"runc.args": " ".join(args)}) as span:
+            return await self._exec(args, span.env, stdio, input)
+
+    async def _exec(
+        self,
+        args: Sequence[str],
+        trace_env: Mapping[str, str],
+        stdio: Mapping[int, int | None] | None,
+        input: bytes | None,
+    ) -> bytes:
         command = args[0]
         argv = [self.binary, *self._global, *args]
         offset = log_size(self.log_path)
@@ -115,7 +127,7 @@ class Runc:
             else:
                 fds = dict(stdio)
             try:
-                child = self._reaper.spawn(argv, env=runc_env(), fds=fds)
+                child = self._reaper.spawn(argv, env=runc_env(trace_env), fds=fds)
             except OSError as exc:
                 raise RuncError(command, f"cannot run {self.binary}: {exc.strerror}", -1) from exc
             log.debug("runc %s: pid %d", command, child.pid)

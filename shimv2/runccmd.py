@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 from shimv2.options import ShimOptions
 
@@ -22,9 +23,13 @@ def global_args(options: ShimOptions, namespace: str, log_path: str) -> list[str
     return args
 
 
-def runc_env() -> dict[str, str]:
-    """The shim's environment minus NOTIFY_SOCKET (runc would try to use it)."""
-    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+def runc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The shim's environment minus NOTIFY_SOCKET (runc would try to use it),
+    with ``extra`` on top (a span's TRACEPARENT, for runc and its hooks)."""
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    if extra:
+        env.update(extra)
+    return env
 
 
 def last_runc_error(log_path: str, offset: int = 0) -> str:

@@ -25,7 +25,7 @@ import trio
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from shimv2 import bundle as bundlefiles
-from shimv2 import cgroups
+from shimv2 import cgroups, tracing
 from shimv2 import options as shimoptions
 from shimv2.api.containerd.events import task_pb2 as events
 from shimv2.api.containerd.runc.options import oci_pb2
@@ -49,6 +49,9 @@ TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 # containerd's identifier rule (identifiers/validate.go).
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
 _MAX_ID = 76
+# An exit waits for its output while the reader keeps taking it (an attached ctr
+# closes its FIFOs once it has the exit status), but no longer than this after
+# the output last moved: a reader that takes nothing does not hold the exit.
 IO_FLUSH_TIMEOUT = 2.0
 
 ExitSubscriber = dict[int, list[Exit]]
@@ -150,7 +153,8 @@ class TaskService:
         reaper.subscribe(self._on_exit)
 
     def methods(self) -> dict[str, Method]:
-        return {
+        """The handlers, each in a span while tracing is on (Create may turn it on)."""
+        methods = {
             "Create": Method(api.CreateTaskRequest, self.create),
             "Start": Method(api.StartRequest, self.start),
             "Delete": Method(api.DeleteRequest, self.delete),
@@ -168,6 +172,10 @@ class TaskService:
             "Update": Method(api.UpdateTaskRequest, self.update),
             "Stats": Method(api.StatsRequest, self.stats),
             "Checkpoint": Method(api.CheckpointTaskRequest, self.checkpoint),
+        }
+        return {
+            name: Method(m.request_type, tracing.traced(m.handler, may_configure=name == "Create"))
+            for name, m in methods.items()
         }
 
     # -- lookups ----------------------------------------------------------------
@@ -334,6 +342,8 @@ class TaskService:
                 opts = shimoptions.from_any(req.options.type_url, req.options.value)
             except ValueError as exc:
                 raise status.invalid_argument(str(exc)) from exc
+            if opts.otel_env:
+                tracing.configure(os.environ, opts.otel_env)
             try:
                 # On the event loop, like the pid file and the journal: small files in
                 # the bundle. A worker thread would not run the JSON parser beside the

@@ -39,6 +39,7 @@ import stat
 import struct
 import termios
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -119,6 +120,31 @@ class SpoolConfig:
         return Spool(path, self.limit, label)
 
 
+class SpoolTotals:
+    """Every spool of this process, for the metrics and the debug view."""
+
+    def __init__(self) -> None:
+        self.delivered = 0  # bytes that went from a spool to their reader
+        self.dropped = 0  # bytes overwritten at a spool's limit
+        self.live: weakref.WeakSet[Spool] = weakref.WeakSet()
+
+    def spools(self) -> list[Spool]:
+        # Also read from the metrics exporter's thread: retry if a spool came or went.
+        for _ in range(5):
+            try:
+                return list(self.live)
+            except RuntimeError:
+                continue
+        return []
+
+    @property
+    def held(self) -> int:
+        return sum(len(spool) for spool in self.spools())
+
+
+TOTALS = SpoolTotals()
+
+
 class Spool:
     """A bounded queue of bytes in a file, used as a ring of ``limit`` bytes.
 
@@ -144,6 +170,7 @@ class Spool:
         self._next_report = -math.inf
         self._announced = False
         self._chunk = 0  # bytes per delivery; the destination's pipe size
+        TOTALS.live.add(self)
 
     def __len__(self) -> int:
         return self.tail - self.head
@@ -215,6 +242,7 @@ class Spool:
             raise OSError(errno.EIO, f"spool file {self.path} ended early")
         n = os.write(dst, data)
         self.head += n
+        TOTALS.delivered += n
         if not len(self):
             self._reset()
         return n
@@ -262,6 +290,7 @@ class Spool:
     def _drop(self, n: int) -> None:
         if n > 0:
             self.dropped += n
+            TOTALS.dropped += n
             self._unreported += n
             self._report()
 

@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlparse
 
 import trio
 
+from shimv2 import tracing
 from shimv2.reaper import Child
 from shimv2.spool import Progress, Sink, Spool, SpoolConfig
 from shimv2.tasks import Spawner
@@ -154,6 +155,8 @@ class BinaryLogger:
         argv = logger_argv(uri)
         self.stdout_fd = self.stderr_fd = self._ready_fd = -1
         self._child: Child | None = None
+        # Its start-up, until it said it is ready; it gets the span's TRACEPARENT.
+        self._span = tracing.start_span(f"logger {os.path.basename(argv[0])}", **{"log.uri": uri})
         theirs: list[int] = []
         try:
             out_r, self.stdout_fd = os.pipe2(os.O_CLOEXEC)
@@ -165,11 +168,13 @@ class BinaryLogger:
             for fd in (self.stdout_fd, self.stderr_fd):
                 os.fchown(fd, uid, gid)
             env = {"CONTAINER_ID": ctx.process_id, "CONTAINER_NAMESPACE": ctx.namespace}
+            env.update(self._span.env)
             try:
                 self._child = ctx.spawn(argv, env=env, fds={3: out_r, 4: err_r, 5: ready_w})
             except OSError as exc:
                 raise status.unknown(f"failed to start logging binary {argv[0]}: {exc}") from exc
-        except BaseException:
+        except BaseException as exc:
+            self._span.end(exc)
             self.close()
             raise
         finally:
@@ -180,6 +185,11 @@ class BinaryLogger:
         """Wait until it says it is ready: a byte on fd 5, or closing it."""
         if self._ready_fd < 0:
             return
+        span, self._span = self._span, tracing.NO_SPAN
+        with span:
+            await self._wait_ready(timeout)
+
+    async def _wait_ready(self, timeout: float) -> None:
         fd, self._ready_fd = self._ready_fd, -1
         async with trio.lowlevel.FdStream(fd) as stream:
             with trio.move_on_after(timeout) as scope:
@@ -200,6 +210,7 @@ class BinaryLogger:
 
     def close(self) -> None:
         """Close our write ends: the logger sees EOF once the container's are gone too."""
+        self._span.end()
         for fd in (self.stdout_fd, self.stderr_fd, self._ready_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):

@@ -246,6 +246,19 @@ class Server:
         self._in_flight = 0
         self._drained = trio.Event()
         self._drained.set()
+        self._connections: set[_Connection] = set()
+
+    def connections(self) -> list[dict[str, int]]:
+        """The open connections and what each is owed, for introspection."""
+        return [
+            {
+                "peer_pid": c.peer_pid,
+                "in_flight": c.in_flight,
+                "parked": c.parked,
+                "pending_bytes": c.pending_bytes,
+            }
+            for c in self._connections
+        ]
 
     def register_service(self, name: str, methods: Mapping[str, Method]) -> None:
         if name in self._services:
@@ -321,11 +334,15 @@ class Server:
                 )
                 return
             connection = _Connection(stream, creds[0])
-            if handler_nursery is not None:
-                await self._read_loop(connection, handler_nursery)
-                return
-            async with trio.open_nursery() as handlers:
-                await self._read_loop(connection, handlers)
+            self._connections.add(connection)
+            try:
+                if handler_nursery is not None:
+                    await self._read_loop(connection, handler_nursery)
+                    return
+                async with trio.open_nursery() as handlers:
+                    await self._read_loop(connection, handlers)
+            finally:
+                self._connections.discard(connection)
         finally:
             stream.socket.close()  # idempotent; the read loop normally did it already
 
