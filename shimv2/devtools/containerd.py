@@ -499,6 +499,8 @@ class PrivateContainerd:
             "XDG_RUNTIME_DIR": str(self.dir / "xdg"),
             # pyshim's fork server for this containerd only (stopped by stop())
             "PYSHIM_FORKSERVER_DIR": str(self.dir / "fs"),
+            # ctr 2.2+ warns about cgroup v1 on every command, into a -t terminal too
+            "CONTAINERD_SUPPRESS_DEPRECATION_WARNINGS": "1",
         }
         if extra_env:
             self.env.update(extra_env)
