@@ -12,9 +12,13 @@
 # under software emulation here, 10-30x slower than the host.
 #
 # Environment: PYSHIM_SHARED_DIR (default: <repo>/../shared), VM_* (vm-run.sh).
+# Exit status: pytest's; 75 when there is no node (the VM could not be built or
+# did not come up), so that CI can tell that apart from a failing test.
 set -euo pipefail
 
 die() { echo "test-node: error: $*" >&2; exit 2; }
+# No node to test on (the VM could not be built or did not come up): EX_TEMPFAIL.
+no_node() { echo "test-node: no node: $*" >&2; exit 75; }
 
 # Inside the VM: build the venv and run the selection.
 if [ "${1:-}" = "--guest" ]; then
@@ -36,10 +40,11 @@ fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${PYSHIM_SHARED_DIR:-$(dirname "$REPO")/shared}
 VM_RUN=$SHARED/vm/vm-run.sh
-[ -x "$VM_RUN" ] || die "no $VM_RUN: make test-node needs the shared VM scripts in $SHARED/vm" \
+[ -f "$VM_RUN" ] || die "no $VM_RUN: make test-node needs the shared VM scripts in $SHARED/vm" \
     "(set PYSHIM_SHARED_DIR to the directory that holds vm/)"
-VM_DIR=${VM_DIR:-/var/tmp/pyshim-vm}
-[ -f "$VM_DIR/rootfs.img" ] || die "no VM image in $VM_DIR: build it once with $SHARED/vm/build-vm.sh"
+# Builds the image on first use (qemu and debootstrap from apt, 2-6 min); a no-op
+# when it is up to date.
+bash "$SHARED/vm/build-vm.sh" || no_node "could not build the VM ($SHARED/vm/build-vm.sh)"
 command -v git >/dev/null || die "git not found (it lists the files to copy)"
 
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/pyshim-node.XXXXXX")
@@ -51,6 +56,7 @@ git -C "$REPO" ls-files -z --cached --others --exclude-standard \
 
 start=$(date +%s)
 rc=0
-"$VM_RUN" -c "$STAGE" -- bash scripts/test-node.sh --guest "$@" || rc=$?
+bash "$VM_RUN" -c "$STAGE" -- bash scripts/test-node.sh --guest "$@" || rc=$?
 echo "test-node: exit $rc after $(($(date +%s) - start)) s (VM resume, copy, venv, tests)"
+[ "$rc" -ne 255 ] || no_node "the VM did not come up (vm-run.sh exit 255)"
 exit "$rc"
