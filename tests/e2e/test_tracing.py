@@ -18,11 +18,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
+import trio
 
 from tests.otlp_receiver import Receiver, Span
 
 from .harness import RUNNING, STOPPED, Containerd, HarnessError, wait_until
+from .test_spool import _read_to_eof
 
 PYSHIM = "io.containerd.pyshim.v2"
 TASK = "containerd.task.v2.Task"
@@ -89,6 +92,21 @@ def wait_spans(receiver: Receiver, cid: str, *names: str) -> dict[str, Span]:
         f"spans of {cid} never arrived; have {sorted(shim_spans(receiver, cid))}"
     )
     return shim_spans(receiver, cid)
+
+
+def assert_traceparent_of(seen: Path, span: Span, who: str) -> None:
+    """The TRACEPARENT that ``who`` wrote to ``seen`` names ``span``."""
+    traceparent = seen.read_text().strip()
+    assert traceparent.startswith(f"00-{span.trace_id}-{span.span_id}-"), (
+        f"{who} saw TRACEPARENT {traceparent!r}, not the span {span.name!r}"
+    )
+
+
+def run_detached(c: Containerd, rootfs: Path, cid: str, *cmd: str) -> psutil.Process:
+    """``ctr run -d`` under pyshim; the container's shim daemon (its metrics' process.pid)."""
+    ctr_ok(c, "run", "-d", "--runtime", PYSHIM, "--rootfs", str(rootfs), cid, *cmd)
+    [shim] = c.shim_processes(cid)
+    return shim
 
 
 def test_span_tree_of_ctr_run(traced: Containerd, receiver: Receiver, rootfs: Path) -> None:
@@ -172,20 +190,53 @@ def test_hooks_see_the_span_of_their_runc_call(
     ctr_ok(traced, "run", "--rm", "--runtime", PYSHIM, "--config", str(config), cid)
     spans = wait_spans(receiver, cid, "runc create", "runc delete")
     for hook_name, runc in (("createRuntime", "runc create"), ("poststop", "runc delete")):
-        traceparent = (tmp_path / hook_name).read_text().strip()
-        span = spans[runc]
-        assert traceparent.startswith(f"00-{span.trace_id}-{span.span_id}-"), (
-            f"{hook_name} hook saw {traceparent!r}, not the span of {runc}"
-        )
+        assert_traceparent_of(tmp_path / hook_name, spans[runc], f"the {hook_name} hook")
+
+
+#: binary:// logger: fd 3 = stdout, fd 4 = stderr, ready once fd 5 is closed. Its
+#: environment is the shim's choice (no PATH): what it sees of the trace is kept.
+TRACE_LOGGER = """\
+#!/bin/sh
+out="$2"
+echo "$TRACEPARENT" > "$out/traceparent"
+/bin/cat <&3 >> "$out/output" 4<&- 5>&- &
+/bin/cat <&4 >> "$out/output" 3<&- 5>&- &
+exec 3<&- 4<&- 5>&-
+wait
+"""
+
+
+def test_binary_logger_sees_its_span(
+    traced: Containerd, receiver: Receiver, rootfs: Path, tmp_path: Path
+) -> None:
+    logger = tmp_path / "trace-logger"
+    logger.write_text(TRACE_LOGGER)
+    logger.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    uri = f"binary://{logger}?dir={out}"
+    cid = traced.new_id()
+    ctr_ok(
+        traced, "run", "--rm", "--runtime", PYSHIM, "--log-uri", uri,
+        "--rootfs", str(rootfs), cid, "/bin/echo", "logged",
+    )  # fmt: skip
+    name = f"logger {logger.name}"
+    spans = wait_spans(receiver, cid, f"{TASK}/Create", name)
+    create, span = spans[f"{TASK}/Create"], spans[name]
+    assert (span.trace_id, span.parent_id) == (create.trace_id, create.span_id), (
+        f"{name} is not under the Create of {cid}"
+    )
+    assert span.attributes.get("log.uri") == uri
+    assert create.start_ns <= span.start_ns <= span.end_ns <= create.end_ns
+    assert_traceparent_of(out / "traceparent", span, "the logger")
+    output = out / "output"  # its copy of the container's output, once it got there
+    wait_until(lambda: output.is_file() and output.read_bytes() == b"logged\n", 30, what="output")
 
 
 def test_metrics_move(traced: Containerd, receiver: Receiver, rootfs: Path) -> None:
     cid = traced.new_id()
-    ctr_ok(
-        traced, "run", "-d", "--runtime", PYSHIM, "--rootfs", str(rootfs), cid, "/bin/sleep", "600"
-    )
+    shim = run_detached(traced, rootfs, cid, "/bin/sleep", "600")
     traced.wait_task_status(cid, RUNNING, timeout=10)
-    [shim] = traced.shim_processes(cid)
 
     def published(r: Receiver) -> float:
         return r.metric("pyshim.events.published", pid=shim.pid) or 0
@@ -203,6 +254,36 @@ def test_metrics_move(traced: Containerd, receiver: Receiver, rootfs: Path) -> N
     assert (receiver.metric("pyshim.exits.reaped", pid=shim.pid) or 0) >= 1
     assert receiver.metric("pyshim.events.dropped", pid=shim.pid) == 0
     assert receiver.metric("rpc.server.duration", pid=shim.pid, **{"rpc.method": "Delete"}) == 1
+
+
+def test_spool_metrics_move(traced: Containerd, receiver: Receiver, rootfs: Path) -> None:
+    """Output nobody reads is spooled (pyshim.spool.held); a reader drains it (delivered)."""
+    cid = traced.new_id()
+    # ctr -d is gone once the task started: nobody reads its stdout FIFO from then on,
+    # which takes 64 KiB; the rest of the 3 MiB goes to the spool.
+    shim = run_detached(traced, rootfs, cid, "/bin/head", "-c", str(3 << 20), "/dev/zero")
+
+    def spool(r: Receiver, name: str) -> float:
+        return r.metric(f"pyshim.spool.{name}", pid=shim.pid) or 0
+
+    assert receiver.wait_for(lambda r: spool(r, "held") > 0), "nothing spooled"
+    traced.wait_task_status(cid, STOPPED, timeout=30)  # the spool let it finish
+    held, before = spool(receiver, "held"), spool(receiver, "delivered")
+    [container] = shim_debug(traced, cid)["containers"]  # type: ignore[misc]
+    stdout = Path(container["processes"][0]["stdio"]["stdout"])
+    output = trio.run(_read_to_eof, stdout, 60)  # the reader is back: it gets the rest
+    assert output and not output.strip(b"\0"), len(output)
+
+    def drained(r: Receiver) -> bool:
+        delivered = spool(r, "delivered")
+        return delivered > before and delivered >= held and spool(r, "held") == 0
+
+    assert receiver.wait_for(drained), (
+        f"spool: held {spool(receiver, 'held')}, delivered {spool(receiver, 'delivered')}"
+    )
+    assert receiver.metric("pyshim.spool.dropped", pid=shim.pid) == 0
+    ctr_ok(traced, "task", "delete", cid)
+    ctr_ok(traced, "container", "delete", cid)
 
 
 @pytest.mark.parametrize("collector", ["down", "slow"])
