@@ -1046,7 +1046,7 @@ class StressRun:
             self.obs.errors.append(f"{p.cid}: no shim address to ask for exec {rec.exec_id}")
             return
         try:
-            st = shim_state(address, p.cid, rec.exec_id)
+            st = shim_state(address, p.cid, rec.exec_id, self.ctrd.task_service(p.cid))
         except Exception as e:
             self.obs.errors.append(f"{p.cid}: State({rec.exec_id}) over ttrpc failed: {e!r}")
             return
@@ -1062,7 +1062,7 @@ class StressRun:
             deadline = time.monotonic() + OP_TIMEOUT
             while st is not None and st[0] != STOPPED and time.monotonic() < deadline:
                 time.sleep(0.05)
-                st = shim_state(address, p.cid, rec.exec_id)
+                st = shim_state(address, p.cid, rec.exec_id, self.ctrd.task_service(p.cid))
         if st is not None and st[0] == STOPPED:
             rec.received_code, rec.code_source = st[1], "shim State"
         else:
@@ -1208,7 +1208,9 @@ class StressRun:
 # =========================================================================== I/O helpers
 
 
-def shim_state(address: str, cid: str, exec_id: str) -> tuple[str, int] | None:
+def shim_state(
+    address: str, cid: str, exec_id: str, service: str = "containerd.task.v2.Task"
+) -> tuple[str, int] | None:
     """(status, exit_status) of a process straight from its shim (Task.State over
     ttrpc); None if the shim does not know it."""
     import trio
@@ -1222,7 +1224,7 @@ def shim_state(address: str, cid: str, exec_id: str) -> tuple[str, int] | None:
         async with connect(address) as client:
             try:
                 r = await client.call(
-                    "containerd.task.v2.Task",
+                    service,
                     "State",
                     api.StateRequest(id=cid, exec_id=exec_id),
                     api.StateResponse,

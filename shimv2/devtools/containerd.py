@@ -883,6 +883,15 @@ disabled_plugins = [{disabled_cri}
         except OSError:
             return []
 
+    def task_service(self, cid: str) -> str:
+        """The Task service containerd calls on *cid*'s shim: v3 when its start
+        response said version 3 (2.x Go shims, which serve only v3), else v2."""
+        path = self.bundle_dir(cid) / "bootstrap.json"
+        with contextlib.suppress(OSError, ValueError):
+            if int(json.loads(path.read_text()).get("version", 2)) >= 3:
+                return "containerd.task.v3.Task"
+        return "containerd.task.v2.Task"
+
     def shim_address(self, cid: str) -> str:
         """The shim's ttrpc address (``unix:///run/containerd/s/<hex>``): ``<bundle>/address``
         as pyshim and the 1.x Go shim write it, or the JSON start response that the

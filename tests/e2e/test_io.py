@@ -222,6 +222,7 @@ async def _direct_exec(
     close_io: str | None = None,
     stdin_open: str = "after_start",
     wait_timeout: float = 10.0,
+    service: str = TASK,
 ) -> ExecResult:
     """Exec + Start + (stdin, CloseIO) + Wait + Delete over ttrpc, FIFOs held by us.
 
@@ -259,7 +260,7 @@ async def _direct_exec(
         async with connect(address) as client:
 
             async def call(method: str, req: Message, resp: type[M], timeout: float = 10.0) -> M:
-                return await client.call(TASK, method, req, resp, timeout=timeout)
+                return await client.call(service, method, req, resp, timeout=timeout)
 
             await call(
                 "Exec",
@@ -345,19 +346,19 @@ async def _direct_exec(
 
 
 def direct_exec(c: Containerd, cid: str, exec_id: str, args: list[str], **kw: object) -> ExecResult:
-    address = shim_socket(c, cid)
-    return trio.run(lambda: _direct_exec(address, cid, exec_id, args, **kw))  # type: ignore[arg-type]
+    address, service = shim_socket(c, cid), c.task_service(cid)
+    return trio.run(lambda: _direct_exec(address, cid, exec_id, args, service=service, **kw))  # type: ignore[arg-type]
 
 
 def shim_exec_error(c: Containerd, cid: str, exec_id: str) -> TTRPCError | None:
     """Send just an ExecProcessRequest; the error it got (None = accepted)."""
-    address = shim_socket(c, cid)
+    address, service = shim_socket(c, cid), c.task_service(cid)
 
     async def go() -> TTRPCError | None:
         async with connect(address) as client:
             try:
                 await client.call(
-                    TASK,
+                    service,
                     "Exec",
                     api.ExecProcessRequest(
                         id=cid, exec_id=exec_id, spec=process_spec(["/bin/true"])
@@ -370,7 +371,7 @@ def shim_exec_error(c: Containerd, cid: str, exec_id: str) -> TTRPCError | None:
             # accepted: do not leave it registered
             with contextlib.suppress(TTRPCError):
                 await client.call(
-                    TASK,
+                    service,
                     "Delete",
                     api.DeleteRequest(id=cid, exec_id=exec_id),
                     api.DeleteResponse,

@@ -22,7 +22,6 @@ from .harness import PAUSED, RUNNING, STOPPED, Containerd, exit_code_from_task_r
 
 pytestmark = pytest.mark.e2e
 
-TASK = "containerd.task.v2.Task"
 RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
 
@@ -36,14 +35,14 @@ def run_sleeper(c: Containerd, runtime: str, rootfs: Path, cid: str) -> int:
 
 
 def update(c: Containerd, cid: str, type_url: str, value: bytes) -> None:
-    address = c.shim_address(cid)
+    address, service = c.shim_address(cid), c.task_service(cid)
 
     async def call() -> None:
         async with connect(address) as client:
             request = api.UpdateTaskRequest(
                 id=cid, resources=any_pb2.Any(type_url=type_url, value=value)
             )
-            await client.call(TASK, "Update", request, empty_pb2.Empty, timeout=10)
+            await client.call(service, "Update", request, empty_pb2.Empty, timeout=10)
 
     trio.run(call)
 

@@ -91,7 +91,13 @@ async def _read_to_eof(path: Path, timeout: float) -> bytes:
 
 
 async def _flood_without_reader(
-    address: str, cid: str, exec_id: str, fifo_dir: Path, bundle: Path, terminal: bool
+    address: str,
+    cid: str,
+    exec_id: str,
+    fifo_dir: Path,
+    bundle: Path,
+    terminal: bool,
+    service: str = TASK,
 ) -> Flood:
     fifo_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = fifo_dir / f"{exec_id}-stdout", fifo_dir / f"{exec_id}-stderr"
@@ -105,7 +111,7 @@ async def _flood_without_reader(
         async with connect(address) as client:
 
             async def call(method: str, req: Message, resp: type[M], timeout: float = 10.0) -> M:
-                return await client.call(TASK, method, req, resp, timeout=timeout)
+                return await client.call(service, method, req, resp, timeout=timeout)
 
             await call(
                 "Exec",
@@ -161,7 +167,10 @@ def flood_without_reader(
 ) -> Flood:
     address = shim_socket(c, cid)
     bundle = c.bundle_dir(cid)
-    return trio.run(_flood_without_reader, address, cid, exec_id, fifo_dir, bundle, terminal)
+    service = c.task_service(cid)
+    return trio.run(
+        _flood_without_reader, address, cid, exec_id, fifo_dir, bundle, terminal, service
+    )
 
 
 @pytest.mark.parametrize("mode", ["pipe", "tty"])

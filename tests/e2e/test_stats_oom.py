@@ -57,7 +57,7 @@ def stats(c: Containerd, cid: str) -> api.StatsResponse:
         async with connect(c.shim_address(cid)) as client:
             request = api.StatsRequest(id=cid)
             response: api.StatsResponse = await client.call(
-                "containerd.task.v2.Task", "Stats", request, api.StatsResponse, timeout=30
+                c.task_service(cid), "Stats", request, api.StatsResponse, timeout=30
             )
             return response
 

@@ -64,7 +64,13 @@ RELOAD_DROPS_TASKS = (
 KNOWN_SINCE_1_7: dict[str, dict[str, str]] = {
     GO: {
         kind: RELOAD_DROPS_TASKS
-        for kind in (stress.EXIT_LOST, stress.INCONSISTENT, stress.EXIT_UNEXPECTED, stress.OUTPUT)
+        for kind in (
+            stress.EXIT_LOST,
+            stress.INCONSISTENT,
+            stress.EXIT_UNEXPECTED,
+            stress.EVENT_WRONG,
+            stress.OUTPUT,
+        )
     }
 }
 
