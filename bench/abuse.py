@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 import harness  # noqa: E402  (tests/e2e/harness.py)
 
 from shimv2.api.containerd.task.v2 import shim_pb2 as api  # noqa: E402
-from shimv2.devtools.containerd import PrivateContainerd  # noqa: E402
+from shimv2.tools.containerd import PrivateContainerd  # noqa: E402
 from shimv2.ttrpc.wire import Frame, FrameDecoder, encode_request  # noqa: E402
 
 TASK = "containerd.task.v2.Task"

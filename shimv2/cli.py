@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None, local: bool = False) -> int:
 
         return manager.delete(flags)
     if flags.action == "debug":  # flags may follow the action here
-        from shimv2.devtools import debugview
+        from shimv2 import debugview
 
         return debugview.main(flags, args[args.index("debug") + 1 :])
     if flags.action == "forkserver":  # internal: launched by ``start`` (see forkserver.py)

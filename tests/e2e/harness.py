@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shimv2.devtools import containerd as _pc
-from shimv2.devtools.containerd import (
+from shimv2.tools import containerd as _pc
+from shimv2.tools.containerd import (
     CREATED,
     CTR_TIMEOUT,
     MNT_DETACH,
@@ -61,9 +61,9 @@ from shimv2.devtools.containerd import (
     venv_bin_dir,
     wait_until,
 )
-from shimv2.devtools.containerd import ContainerdError as HarnessError
-from shimv2.devtools.containerd import has_flag as _has_flag
-from shimv2.devtools.containerd import process_alive as _alive
+from shimv2.tools.containerd import ContainerdError as HarnessError
+from shimv2.tools.containerd import has_flag as _has_flag
+from shimv2.tools.containerd import process_alive as _alive
 
 __all__ = [
     "CREATED",

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from shimv2 import stress
-from shimv2.devtools.containerd import containerd_version
-from shimv2.stress import Summary, format_summary
+from shimv2.tools import stress
+from shimv2.tools.containerd import containerd_version
+from shimv2.tools.stress import Summary, format_summary
 
 from .harness import RUNTIMES, shim_binary_name, shim_installed, which
 
@@ -79,7 +79,7 @@ def run_stress_cli(runtime: str, cycles: int, timeout: float) -> tuple[Summary, 
     if shim_installed(runtime) is None:
         pytest.fail(f"{shim_binary_name(runtime)} is not installed (make venv)", pytrace=False)
     argv = [
-        sys.executable, "-m", "shimv2.stress", "--runtime", runtime, "--cycles", str(cycles),
+        sys.executable, "-m", "shimv2.tools.stress", "--runtime", runtime, "--cycles", str(cycles),
         "--json",
     ]  # fmt: skip
     p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)

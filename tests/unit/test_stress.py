@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from shimv2 import stress
-from shimv2.devtools.containerd import ContainerdError
-from shimv2.stress import (
+from shimv2.tools import stress
+from shimv2.tools.containerd import ContainerdError
+from shimv2.tools.stress import (
     LINE_LEN,
     Observations,
     Output,

@@ -83,7 +83,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shimv2.devtools.containerd import (
+from shimv2.tools.containerd import (
     CREATED,
     PAUSED,
     RUNNING,
