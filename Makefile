@@ -27,7 +27,7 @@ venv: $(STAMP)
 # the e2e harness and the demo put first on containerd's PATH: the native
 # launcher, and the Python one next to it, .py); shimv2.launcher rewrites it
 # with this venv's exact paths. The tests and the private containerd of
-# shimv2.devtools rebuild it when the sources changed since.
+# shimv2.tools rebuild it when the sources changed since.
 $(STAMP): pyproject.toml setup.py shimv2/launcher.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'

@@ -3,8 +3,10 @@
 containerd runs the binary in three ways (spec: shim-contract.md §3):
 ``... start`` (must answer in milliseconds), ``... delete`` (cleanup after the
 shim is gone) and with no action (the long-lived daemon, started by ``start``).
-This module parses Go-style single-dash flags and dispatches. It imports
-nothing heavy: trio and protobuf are loaded only by the action that needs them.
+This module is the one top: it parses the flags (shimv2.flags) and dispatches.
+It imports nothing heavy: trio and protobuf are loaded only by the action that
+needs them. Nothing imports it back; the fork server gets what it runs from
+here, as callables.
 """
 
 from __future__ import annotations
@@ -13,90 +15,9 @@ import os
 import sys
 
 from shimv2 import __version__
+from shimv2.flags import UsageError, parse_flags
 
 BINARY_NAME = "containerd-shim-pyshim-v2"
-
-_STRING_FLAGS = {
-    "namespace",
-    "id",
-    "address",
-    "publish-binary",
-    "bundle",
-    "socket",
-    "debug-socket",
-}
-_BOOL_FLAGS = {"debug", "v", "info"}
-_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
-_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
-
-
-class UsageError(Exception):
-    """Bad command line; reported on stderr with exit status 2 (as Go's flag package)."""
-
-
-class Flags:
-    """The parsed command line (a plain class: ``start`` cannot afford dataclasses)."""
-
-    def __init__(self, **values: str | bool) -> None:
-        self.namespace = ""
-        self.id = ""
-        self.address = ""
-        self.publish_binary = ""
-        self.bundle = ""
-        self.socket = ""
-        self.debug_socket = ""
-        self.debug = False
-        self.v = False
-        self.info = False
-        self.action = ""
-        for name, value in values.items():
-            if not hasattr(self, name):
-                raise TypeError(f"unknown flag {name}")
-            setattr(self, name, value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Flags) and vars(self) == vars(other)
-
-    def __repr__(self) -> str:
-        return f"Flags({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
-
-
-def parse_flags(argv: list[str]) -> Flags:
-    """Parse like Go's ``flag`` package: ``-f v``, ``-f=v``, ``--f``; stop at the first non-flag."""
-    flags = Flags()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            i += 1
-            break
-        if not arg.startswith("-") or arg == "-":
-            break
-        name = arg.lstrip("-")
-        value: str | None = None
-        if "=" in name:
-            name, value = name.split("=", 1)
-        attr = name.replace("-", "_")
-        if name in _BOOL_FLAGS:
-            if value is None or value in _TRUE:
-                setattr(flags, attr, True)
-            elif value in _FALSE:
-                setattr(flags, attr, False)
-            else:
-                raise UsageError(f"invalid boolean value {value!r} for flag -{name}")
-        elif name in _STRING_FLAGS:
-            if value is None:
-                i += 1
-                if i >= len(argv):
-                    raise UsageError(f"flag needs an argument: -{name}")
-                value = argv[i]
-            setattr(flags, attr, value)
-        else:
-            raise UsageError(f"flag provided but not defined: -{name}")
-        i += 1
-    if i < len(argv):
-        flags.action = argv[i]
-    return flags
 
 
 def _in_fork_server(args: list[str], action: str) -> int | None:
@@ -119,14 +40,6 @@ def _in_fork_server(args: list[str], action: str) -> int | None:
     except forkserver.ForkServerError as exc:
         print(f"failed to {action} shim: {exc}", file=sys.stderr)
         return 1
-
-
-def self_command() -> list[str]:
-    """argv that runs this program again, with the interpreter flags we run with
-    (the launcher's ``-I -S``, see shimv2.launcher)."""
-    flags = ["-I", "-S"] if sys.flags.isolated and sys.flags.no_site else []
-    # realpath: the release we run from, even once an upgrade moved the link on
-    return [sys.executable, *flags, os.path.realpath(sys.argv[0])]
 
 
 def version_text(argv0: str) -> str:
@@ -176,13 +89,40 @@ def main(argv: list[str] | None = None, local: bool = False) -> int:
     if flags.action == "forkserver":  # internal: launched by ``start`` (see forkserver.py)
         from shimv2 import forkserver
 
-        return forkserver.main(args[args.index("forkserver") + 1 :])
+        return forkserver.main(args[args.index("forkserver") + 1 :], _run_local, _preload)
     if flags.action:
         print(f"unknown action {flags.action!r}", file=sys.stderr)
         return 2
     from shimv2 import daemon
 
     return daemon.run(flags)
+
+
+def _run_local(argv: list[str]) -> int:
+    """What a fork server's child runs: this command line, here (``start``,
+    ``delete``, and after a ``start`` the daemon, whose argv has no action)."""
+    return main(argv, local=True)
+
+
+def _preload() -> None:
+    """Everything the commands and the daemon import, also lazily: the fork
+    server imports it once, before it forks any child."""
+    import trio
+
+    import shimv2.cgroups
+    import shimv2.console
+    import shimv2.daemon
+    import shimv2.manager
+    import shimv2.mount
+    import shimv2.options
+    import shimv2.runc
+    import shimv2.runccmd
+    import shimv2.stdio  # noqa: F401
+    from shimv2.api.containerd.task.v2 import shim_pb2  # noqa: F401
+
+    # One empty event loop: trio's lazily built state then lives in the shared,
+    # frozen pages instead of being built again (privately) by every daemon.
+    trio.run(trio.sleep, 0)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import sys
 import trio
 
 from shimv2 import debug, tracing
-from shimv2.cli import Flags
 from shimv2.events import Publisher
+from shimv2.flags import Flags
 from shimv2.reaper import Reaper
 from shimv2.service import TASK_SERVICES, TaskService
 from shimv2.shimlog import setup_logging

@@ -5,7 +5,7 @@ The service (``pyshim.debug.v1.Debug/Dump``, an Empty in, a JSON document in a
 0600, and refuses peers whose uid/gid differ from the daemon's (the ttrpc
 server's same-user check): root only for a root shim. It is never served on
 containerd's Task API socket. ``containerd-shim-pyshim-v2 debug`` is its client
-(:mod:`shimv2.devtools.debugview`).
+(:mod:`shimv2.debugview`).
 
 SIGUSR1 writes the trio task tree and every thread's Python stack to the shim
 log, as the Go shim dumps its goroutines.

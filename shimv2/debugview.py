@@ -4,6 +4,8 @@ print what a live shim holds, read from its debug socket (shimv2.debug).
 The shim's socket is found as containerd finds it: the ``address`` file in the
 task's bundle (default state dir, or ``-bundle``), else derived from
 ``-address`` (containerd's socket), namespace and id; ``-socket`` names it.
+An action of the shim binary (cli imports it lazily), so it lives with the
+runtime rather than in shimv2.tools.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import sys
 
-from shimv2.cli import Flags, UsageError, parse_flags
+from shimv2.flags import Flags, UsageError, parse_flags
 
 DEFAULT_NAMESPACE = "default"
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"

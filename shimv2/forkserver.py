@@ -11,12 +11,17 @@ the Python launcher: see shimv2.launcher) sends its command line and
 environment, and its stdin/stdout/stderr/working directory over SCM_RIGHTS.
 The spare takes the connection (the server forks the next one), adopts the
 caller's session, cgroups, rlimits, umask, nice value and CPU affinity (read
-from the kernel, /proc/PID of the peer), runs the very same ``cli.main`` the
+from the kernel, /proc/PID of the peer), runs the very same command line the
 caller would have run, and answers with its exit status. After a ``start``
 it then becomes that shim's daemon itself: no fork, no exec, no imports, the
 frozen pages shared copy-on-write with its siblings. Its parent is the server
 (which reaps it) instead of init; nothing else tells it from a daemon started
 directly.
+
+It never imports the modules it serves: ``cli`` hands ``main`` the function
+that runs a command line and the one that imports everything ahead (the
+``forkserver`` action), and ``start`` leaves the daemon to become in
+shimv2.handoff.
 
 Rules that keep it safe:
 
@@ -43,6 +48,15 @@ import os
 import struct
 import sys
 import time
+
+from shimv2 import handoff
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: start never loads typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    #: Runs a command line of the shim binary in this process; its exit status.
+    Command = Callable[[list[str]], int]
 
 DEFAULT_DIR = "/run/pyshim"
 DIR_ENV = "PYSHIM_FORKSERVER_DIR"
@@ -91,12 +105,6 @@ TITLE_ROOM = 2048
 LOG_LIMIT = 1 << 20
 # A burst of starts and deletes queues instead of failing (as the shims' sockets).
 LISTEN_BACKLOG = 4096
-
-#: Set in a child of the fork server: the pid of the process that asked and of
-#: its parent (containerd); ``start`` then becomes its daemon instead of spawning it.
-caller_pid = 0
-caller_ppid = 0
-_pending_daemon: tuple[list[str], int] | None = None  # become_daemon's args, listener
 
 
 class Unavailable(Exception):
@@ -267,7 +275,7 @@ def _exit_status(data: bytes, path: str, started: bool) -> int:
 def launch(tag: str = "") -> None:
     """Start a fork server in the background for the next calls (never waits).
     Racing launches are fine: the losers of the lock exit at once."""
-    from shimv2.cli import self_command
+    from shimv2.flags import self_command
 
     argv = [*self_command(), "forkserver", tag or version_tag(), "#" * TITLE_ROOM]
     try:  # no server this time: the next start tries again
@@ -308,8 +316,9 @@ class _Refused(Exception):
     """Answered as ``refused``; nothing ran."""
 
 
-def serve(tag: str) -> int:
-    """Run the fork server for ``tag`` until it is idle or out of date."""
+def serve(tag: str, command: Command, preload: Callable[[], None]) -> int:
+    """Run the fork server for ``tag`` until it is idle or out of date: each
+    request runs ``command`` in a child, after ``preload`` ran here once."""
     import fcntl
     import gc
     import stat
@@ -336,7 +345,10 @@ def serve(tag: str) -> int:
         log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600
     )
     os.dup2(_log_fd, 2)  # tracebacks of the server itself
-    _preload()
+    import resource  # noqa: F401  (_max_fd, _check_peer, _adopt_context)
+    import select  # noqa: F401
+
+    preload()
     with open(pid_path, "w") as f:
         f.write(str(os.getpid()))
     idle = float(os.environ.get(IDLE_ENV) or DEFAULT_IDLE)
@@ -359,7 +371,7 @@ def serve(tag: str) -> int:
         listener = _bind(sock_path)
         bound = os.stat(sock_path).st_ino  # fstat of a socket names sockfs, not the path
         _log(f"serving {sock_path} (pid {os.getpid()}, idle timeout {idle:.0f}s)")
-        _supervise_spares(listener, lock_fd, sock_path, bound, idle)
+        _supervise_spares(listener, lock_fd, sock_path, bound, idle, command)
     finally:
         try:
             found = os.stat(sock_path).st_ino
@@ -413,29 +425,6 @@ def _log(message: str) -> None:
         pass
 
 
-def _preload() -> None:
-    """Everything the commands and the daemon import, also lazily."""
-    import resource  # noqa: F401  (_max_fd, _check_peer, _adopt_context)
-    import select  # noqa: F401
-
-    import trio
-
-    import shimv2.cgroups
-    import shimv2.console
-    import shimv2.daemon
-    import shimv2.manager
-    import shimv2.mount
-    import shimv2.options
-    import shimv2.runc
-    import shimv2.runccmd
-    import shimv2.stdio  # noqa: F401
-    from shimv2.api.containerd.task.v2 import shim_pb2  # noqa: F401
-
-    # One empty event loop: trio's lazily built state then lives in the shared,
-    # frozen pages instead of being built again (privately) by every daemon.
-    trio.run(trio.sleep, 0)
-
-
 def _bind(path: str) -> _socket.socket:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -451,7 +440,7 @@ def _bind(path: str) -> _socket.socket:
 
 
 def _supervise_spares(
-    listener: _socket.socket, lock_fd: int, path: str, inode: int, idle: float
+    listener: _socket.socket, lock_fd: int, path: str, inode: int, idle: float, command: Command
 ) -> None:
     """Keep one child forked ahead of time, blocked in accept(): a request never
     waits for a fork (~1-2 ms, most of it the child's first run copying the pages
@@ -466,7 +455,7 @@ def _supervise_spares(
     _server_fds[:] = [listener.fileno(), lock_fd, notify_r, notify_w]
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that it wakes us
     signal.set_wakeup_fd(notify_w)
-    spare = _fork_spare(listener, notify_w)
+    spare = _fork_spare(listener, notify_w, command)
     last_request = time.monotonic()
     while True:
         ready, _, _ = select.select([notify_r], [], [], min(5.0, idle))
@@ -477,7 +466,7 @@ def _supervise_spares(
         if SERVING in news:
             last_request = time.monotonic()
         if TOOK in news:
-            spare = _fork_spare(listener, notify_w)
+            spare = _fork_spare(listener, notify_w, command)
         if time.monotonic() - last_request >= idle:
             _log("idle: exiting")
             return  # the spare dies with us (PR_SET_PDEATHSIG)
@@ -486,7 +475,7 @@ def _supervise_spares(
             return
         if spare in _reap():  # killed (or crashed) while waiting
             _log(f"spare child {spare} died: forking another")
-            spare = _fork_spare(listener, notify_w)
+            spare = _fork_spare(listener, notify_w, command)
 
 
 def _reap() -> set[int]:
@@ -510,7 +499,7 @@ def _still_current(path: str, inode: int) -> bool:
         return False
 
 
-def _fork_spare(listener: _socket.socket, notify_w: int) -> int:
+def _fork_spare(listener: _socket.socket, notify_w: int, command: Command) -> int:
     """Fork a child that waits for the next connection and serves it."""
     import signal
 
@@ -524,14 +513,14 @@ def _fork_spare(listener: _socket.socket, notify_w: int) -> int:
         return child  # reaped by _supervise_spares
     status = 1
     try:
-        status = _spare(listener, notify_w, server)
+        status = _spare(listener, notify_w, server, command)
     except BaseException as exc:  # never back into the server's loop
         _log(f"request failed: {exc!r}")
     finally:
         os._exit(status)
 
 
-def _spare(listener: _socket.socket, notify_w: int, server: int) -> int:
+def _spare(listener: _socket.socket, notify_w: int, server: int, command: Command) -> int:
     """A spare child: wait for a connection, tell the server, serve it."""
     import signal
 
@@ -559,10 +548,10 @@ def _spare(listener: _socket.socket, notify_w: int, server: int) -> int:
                 os.close(server_fd)
             except OSError:
                 pass
-    return _serve_connection(conn, fresh, notify_w)
+    return _serve_connection(conn, fresh, notify_w, command)
 
 
-def _serve_connection(conn: _socket.socket, fresh: bool, notify_w: int) -> int:
+def _serve_connection(conn: _socket.socket, fresh: bool, notify_w: int, command: Command) -> int:
     """In a spare child: check the caller and its request, then run the command
     (and tell the server it did: refused requests do not keep a server alive)."""
     creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
@@ -605,7 +594,7 @@ def _serve_connection(conn: _socket.socket, fresh: bool, notify_w: int) -> int:
     except OSError:
         pass
     _log_fd = -1  # from here on the caller's stderr (fd 2) is ours
-    return _run_command(conn, request, fds)
+    return _run_command(conn, request, fds, command)
 
 
 def _exited(pidfd: int) -> bool:
@@ -693,25 +682,26 @@ def _status_fields(path: str) -> dict[str, str]:
     return fields
 
 
-def _run_command(conn: _socket.socket, request: dict[str, object], fds: list[int]) -> int:
+def _run_command(
+    conn: _socket.socket, request: dict[str, object], fds: list[int], command: Command
+) -> int:
     """Take over the caller's context and run its command; tell it the status."""
     answered = False
     try:
         conn.send(b"ack")  # from here on the command may run: no fallback
-        from shimv2.cli import self_command
+        from shimv2.flags import self_command
 
         argv = list(request["argv"])  # type: ignore[call-overload]
-        command = self_command()  # the server's own launcher: what a direct run execs
-        _set_argv([*command, *argv])  # not "forkserver": `pkill -f` misses it
+        launcher = self_command()  # the server's own launcher: what a direct run execs
+        _set_argv([*launcher, *argv])  # not "forkserver": `pkill -f` misses it
         try:
             _adopt_context(request)
         except Exception as exc:  # CgroupError included: refuse, the caller runs it
             conn.send(f"refused cannot take over the caller's context: {exc}".encode())
             answered = True
             return 0
-        global caller_pid, caller_ppid
-        caller_pid = int(request["pid"])  # type: ignore[call-overload]
-        caller_ppid = int(request["ppid"])  # type: ignore[call-overload]
+        handoff.caller_pid = int(request["pid"])  # type: ignore[call-overload]
+        handoff.caller_ppid = int(request["ppid"])  # type: ignore[call-overload]
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target)
         os.fchdir(fds[3])
@@ -721,12 +711,10 @@ def _run_command(conn: _socket.socket, request: dict[str, object], fds: list[int
         assert isinstance(env, dict)
         os.environ.clear()
         os.environ.update(env)
-        sys.argv = [command[-1], *argv]
-        from shimv2.cli import main
-
+        sys.argv = [launcher[-1], *argv]
         status = 1
         try:
-            status = main(argv, local=True)
+            status = command(argv)
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException:
@@ -739,18 +727,18 @@ def _run_command(conn: _socket.socket, request: dict[str, object], fds: list[int
             except (OSError, ValueError):
                 pass
         if status != 0:
-            abandon_daemon()
+            handoff.abandon_daemon()
         conn.send(f"exit {status}".encode())
         answered = True
     finally:
         if not answered:
-            abandon_daemon()
+            handoff.abandon_daemon()
             try:
                 conn.send(b"exit 1")
             except OSError:
                 pass
     conn.close()
-    return _run_pending_daemon() if _pending_daemon is not None else 0
+    return _run_pending_daemon(command) if handoff.pending_daemon is not None else 0
 
 
 def _adopt_context(request: dict[str, object]) -> None:
@@ -780,38 +768,21 @@ def _adopt_context(request: dict[str, object]) -> None:
         join_cgroups(wanted)
 
 
-def become_daemon(args: list[str], listener_fd: int) -> int:
-    """In a child of the server running ``start``: this very process becomes the
-    shim daemon once the caller has its answer (run_pending_daemon), so ``start``
-    costs no fork and no imports. Returns the daemon's pid: ours."""
-    global _pending_daemon
-    _pending_daemon = (list(args), os.dup(listener_fd))  # start closes its copy
-    return os.getpid()
-
-
-def abandon_daemon() -> None:
-    """``start`` failed after become_daemon: exit with it instead."""
-    global _pending_daemon
-    if _pending_daemon is not None:
-        os.close(_pending_daemon[1])
-        _pending_daemon = None
-
-
-def _run_pending_daemon() -> int:
-    """After a successful ``start`` answered its caller: serve as the daemon."""
-    assert _pending_daemon is not None
-    args, listener_fd = _pending_daemon
+def _run_pending_daemon(command: Command) -> int:
+    """After a successful ``start`` answered its caller: serve as the daemon
+    (``args`` carry no action: ``command`` runs the daemon)."""
+    assert handoff.pending_daemon is not None
+    args, listener_fd = handoff.pending_daemon
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # containerd reads start's output to EOF
         os.dup2(null, fd)
     os.dup2(listener_fd, 3)  # where the daemon expects its listener
     os.closerange(4, _max_fd())  # close_range(2): cheap up to any limit
-    from shimv2.cli import parse_flags, self_command
-    from shimv2.daemon import run as run_daemon
+    from shimv2.flags import self_command
 
     sys.argv = [self_command()[-1], *args]
     _set_argv([*self_command(), *args])  # what a spawned daemon shows
-    return run_daemon(parse_flags(args))
+    return command(args)
 
 
 def _max_fd() -> int:
@@ -936,13 +907,14 @@ def _set_argv(argv: list[str]) -> None:
     prctl(PR_SET_MM, PR_SET_MM_MAP, ref, size, 0)
 
 
-def main(argv: list[str]) -> int:
-    """``containerd-shim-pyshim-v2 forkserver TAG`` (launched by ``start``)."""
+def main(argv: list[str], command: Command, preload: Callable[[], None]) -> int:
+    """``containerd-shim-pyshim-v2 forkserver TAG`` (launched by ``start``): serve
+    ``command`` (cli's, run in a child per request) after ``preload``."""
     if not argv:
         sys.stderr.write("usage: containerd-shim-pyshim-v2 forkserver TAG\n")
         return 2
     try:
-        return serve(argv[0])
+        return serve(argv[0], command, preload)
     except OSError as exc:
         _log(f"fork server failed: {exc}")
         return 1

@@ -22,9 +22,9 @@ import sys
 import time
 
 from shimv2 import bundle as bundlefiles
-from shimv2 import forkserver, protowire
+from shimv2 import handoff, protowire
 from shimv2.bootstrap import bootstrap_result, classify
-from shimv2.cli import Flags, self_command
+from shimv2.flags import Flags, self_command
 
 SOCKET_DIR = "/run/containerd/s"
 # Annotations that put several containers into one shim (first present wins).
@@ -130,14 +130,14 @@ def _spawn_daemon(flags: Flags, listener: socket.socket) -> int:
     """In a fork server's child (everything imported) that child becomes the
     daemon once we answered; else spawn a fresh interpreter."""
     args = _daemon_args(flags)
-    if forkserver.caller_pid:
-        return forkserver.become_daemon(args, listener.fileno())
+    if handoff.caller_pid:
+        return handoff.become_daemon(args, listener.fileno())
     return _spawn_direct(args, listener)
 
 
 def _adjust_oom_score(pid: int) -> None:
     """containerd's oom_score_adj + 1, so the kernel kills the shim before containerd."""
-    parent = forkserver.caller_ppid or os.getppid()  # containerd ran the shim binary
+    parent = handoff.caller_ppid or os.getppid()  # containerd ran the shim binary
     try:
         with open(f"/proc/{parent}/oom_score_adj") as f:
             score = min(int(f.read().strip()) + 1, 1000)
@@ -216,7 +216,7 @@ def start(flags: Flags) -> int:
         bundlefiles.write_atomic(os.path.join(bundle, "address"), address)
     except Exception as exc:
         if pid == os.getpid():
-            forkserver.abandon_daemon()
+            handoff.abandon_daemon()
         elif pid:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)

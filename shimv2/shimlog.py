@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from shimv2.cli import Flags
+from shimv2.flags import Flags
 
 LOG_FIFO = "log"
 

@@ -1,7 +1,10 @@
-"""Developer and operator tooling that ships with pyshim but is not the shim.
+"""What people run beside the shim; the runtime never imports it.
 
-Nothing here is imported by the shim binary (``shimv2.cli``) but the client
-of its ``debug`` action (`shimv2.devtools.debugview`), never by the daemon: these modules
-start their own private containerd (`shimv2.devtools.containerd`) for the
-end-to-end tests, the demo, the benchmarks and ``python -m shimv2.stress``.
+- ``python -m shimv2.tools.stress`` (also ``python -m shimv2.stress``): kill
+  containerd and shims again and again, and check that nothing was lost.
+- `shimv2.tools.containerd`: a private containerd (own root, state, sockets)
+  for the end-to-end tests, the demo, the benchmarks and the stress tool.
+
+tests/unit/test_layers.py checks that no runtime module imports from here; the
+client of the binary's ``debug`` action is shimv2.debugview, part of the runtime.
 """

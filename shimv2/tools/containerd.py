@@ -17,7 +17,7 @@ cleanup only ever touches entries derived from our address/namespace, and only
 kills processes whose command line carries ``-address <our socket>``.
 
 Used by the end-to-end tests (``tests/e2e/harness.py`` builds on it), the demo,
-the benchmarks and the stress tool (``python -m shimv2.stress``). Needs root,
+the benchmarks and the stress tool (``python -m shimv2.tools.stress``). Needs root,
 containerd, ctr, runc and a static busybox (for `busybox_rootfs`).
 """
 

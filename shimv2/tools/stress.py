@@ -1,11 +1,11 @@
 """Kill containerd with SIGKILL again and again while containers live, and check
 that every task comes out right.
 
-    python -m shimv2.stress --runtime io.containerd.pyshim.v2 --cycles 100
-    python -m shimv2.stress --runtime io.containerd.runc.v2 --cycles 100   # compare
+    python -m shimv2.tools.stress --runtime io.containerd.pyshim.v2 --cycles 100
+    python -m shimv2.tools.stress --runtime io.containerd.runc.v2 --cycles 100   # compare
 
 Needs root, containerd, ctr, runc and a static busybox. Everything runs in a
-private containerd (`shimv2.devtools.containerd`: own root, state, sockets,
+private containerd (`shimv2.tools.containerd`: own root, state, sockets,
 config and namespace under ``/tmp/pyshim-stress-*``); the system containerd
 and other shims are never touched. The shim binary for ``--runtime`` is
 looked up next to this Python (a venv's ``bin``), then on ``PATH``, then in
@@ -1312,7 +1312,7 @@ def run_stress(opts: StressOptions) -> Summary:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m shimv2.stress",
+        prog="python -m shimv2.tools.stress",
         description=(
             "Kill a private containerd with SIGKILL while containers are being created, "
             "exec'd, writing output and exiting; restart it and check that every task "

@@ -1,7 +1,7 @@
 """A private containerd for end-to-end tests.
 
-The reusable part lives in the package (`shimv2.devtools.containerd`, also used
-by ``python -m shimv2.stress``): every `Containerd` gets its own temp dir
+The reusable part lives in the package (`shimv2.tools.containerd`, also used
+by ``python -m shimv2.tools.stress``): every `Containerd` gets its own temp dir
 (``/tmp/pyshim-e2e-XXXX``) holding its config, root, state, gRPC + ttrpc sockets
 and log file, and its own namespace, so it never touches the system containerd
 (``/run/containerd/containerd.sock``) or other instances on the machine. The

@@ -1,11 +1,11 @@
 """containerd killed with SIGKILL again and again while containers live (issue 5,
-items 5a and 7): ``python -m shimv2.stress`` run as a user would run it.
+items 5a and 7): ``python -m shimv2.tools.stress`` run as a user would run it.
 
 Each cycle has containers being created/started, exec'd, writing output and
 exiting while containerd is killed; after every restart the tool checks that
 all tasks are as before, that every process exits exactly once with its code,
 that every output byte arrived and that nothing is left behind (see
-shimv2/stress.py). 20 cycles against pyshim ("kill -9 containerd 20 times in a
+shimv2/tools/stress.py). 20 cycles against pyshim ("kill -9 containerd 20 times in a
 row"), 5 against the Go shim for comparison.
 
 A failure whose kinds are all known limitations of that runtime is an xfail

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from shimv2 import __version__, cli
-from shimv2.cli import Flags, UsageError, main, parse_flags
+from shimv2.cli import main
+from shimv2.flags import Flags, UsageError, parse_flags
 
 CONTAINERD_START = [
     "-namespace",

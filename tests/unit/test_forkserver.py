@@ -539,7 +539,7 @@ def test_a_server_whose_files_changed_refuses_and_exits(server_dir: Path, tmp_pa
     )
     run_copy = (
         f"import sys; sys.path.insert(0, {str(package.parent)!r}); "
-        "from shimv2 import forkserver; sys.exit(forkserver.main(sys.argv[1:]))"
+        "from shimv2 import cli; sys.exit(cli.main(['forkserver', *sys.argv[1:]]))"
     )
     copy_tag = subprocess.run(
         [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(package.parent)!r}); "

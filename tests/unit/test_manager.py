@@ -36,7 +36,7 @@ from fakes import install_fake_runc, is_gone, read_records, wait_gone
 from shimv2 import bundle as bundlefiles
 from shimv2 import manager
 from shimv2.api.containerd.task.v2 import shim_pb2
-from shimv2.cli import Flags
+from shimv2.flags import Flags
 from shimv2.options import ShimOptions
 from shimv2.ttrpc import Code, TTRPCError, connect
 

@@ -1,4 +1,4 @@
-"""The stress tool's consistency rules (shimv2.stress), fed made-up observations.
+"""The stress tool's consistency rules (shimv2.tools.stress), fed made-up observations.
 
 The end-to-end run against a real containerd is tests/e2e/test_stress.py.
 """
