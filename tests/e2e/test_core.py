@@ -31,7 +31,6 @@ from .harness import (
     STOPPED,
     Containerd,
     exit_code_from_task_rm,
-    go_shim_limitation,
     pid_alive,
     wait_until,
 )
@@ -163,12 +162,7 @@ def test_foreground_run_killed_from_other_ctr(
     containerd.assert_no_leaks(cid)
 
 
-def test_event_order(
-    containerd: Containerd, runtime: str, rootfs: Path, cid: str, request: pytest.FixtureRequest
-) -> None:
-    go_shim_limitation(
-        request, containerd, runtime, (2, 0), "no /tasks/delete reaches ctr events after run --rm"
-    )
+def test_event_order(containerd: Containerd, runtime: str, rootfs: Path, cid: str) -> None:
     watcher = containerd.events()
     try:
         r = containerd.ctr(
