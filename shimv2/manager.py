@@ -253,6 +253,9 @@ def _socket_dirs(bundle: str) -> set[str]:
     return dirs
 
 
+DEBUG_SOCKET_SUFFIX = ".debug"
+
+
 def _is_socket(path: str) -> bool:
     try:
         return stat.S_ISSOCK(os.lstat(path).st_mode)
@@ -268,8 +271,11 @@ def _remove_dead_socket(bundle: str) -> None:
     path = address[len(_UNIX_PREFIX) :]
     in_our_dir = os.path.dirname(os.path.normpath(path)) in _socket_dirs(bundle)
     if in_our_dir and _is_socket(path) and not _serving(path):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        # and the dead daemon's debug socket (debug.SOCKET_SUFFIX; not imported:
+        # delete stays import-light)
+        for dead in (path, path + DEBUG_SOCKET_SUFFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(dead)
 
 
 def delete(flags: Flags) -> int:

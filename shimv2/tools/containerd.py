@@ -970,8 +970,9 @@ disabled_plugins = [{disabled_cri}
             desc = [f"{p.pid}:{' '.join(p.info.get('cmdline') or [])}" for p in shims]
             problems.append(f"shim process(es) still alive: {desc}")
         sock = self.shim_socket_path(cid)
-        if sock.exists() and not shims:
-            problems.append(f"socket left behind by a dead shim: {sock}")
+        for path in (sock, sock.with_name(sock.name + ".debug")):  # pyshim's debug socket
+            if path.exists() and not shims:
+                problems.append(f"socket left behind by a dead shim: {path}")
         bundle = self.bundle_dir(cid)
         if bundle.exists():
             problems.append(f"bundle dir left: {bundle}")

@@ -881,3 +881,10 @@ def test_real_start_with_sched_core(real_shim: RealShim) -> None:
     assert result.returncode == 0, result.stderr
     assert sched_core_cookie(pid), "the daemon has no core-scheduling cookie"
     trio.run(connect_and_shutdown, f"unix://{real_shim.expected_path()}", "t1")
+
+
+def test_delete_knows_the_debug_socket_name() -> None:
+    # `delete` removes a dead daemon's debug socket without importing shimv2.debug
+    from shimv2 import debug
+
+    assert manager.DEBUG_SOCKET_SUFFIX == debug.SOCKET_SUFFIX
