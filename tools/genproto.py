@@ -67,8 +67,18 @@ def generate(out_dir: Path) -> None:
     roots = _local_roots()
     for path in [*out_dir.rglob("*_pb2.py"), *out_dir.rglob("*_pb2.pyi")]:
         path.write_text(_rewrite_imports(path.read_text(), roots))
-    for directory in [out_dir, *(d for d in out_dir.rglob("*") if d.is_dir())]:
+    for directory in (d for d in out_dir.rglob("*") if d.is_dir()):
         (directory / "__init__.py").touch()
+    (out_dir / "__init__.py").write_text(API_DOCSTRING)
+
+
+API_DOCSTRING = '''"""Generated protobuf modules (``make proto`` from proto/); never edit by hand.
+
+The messages of containerd's Task, Events and bootstrap APIs, runc and cgroup
+options and metrics, ttrpc's frames and google.rpc.Status: what crosses a
+socket or a file containerd reads. Nothing else belongs here.
+"""
+'''
 
 
 def _tree(base: Path) -> set[str]:
