@@ -3,22 +3,32 @@ nursery its background work (copy loops, exit handling) lives in."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 from typing import Any
 
 import trio
 
 from shimv2 import bundle as bundlefiles
-from shimv2 import mount
+from shimv2 import cgroups, mount
+from shimv2.api.containerd.events import task_pb2 as events
 from shimv2.cgroups import CgroupV1, CgroupV2
+from shimv2.events import Publisher
 from shimv2.options import ShimOptions
-from shimv2.process import Process
-from shimv2.runc import RestoreOpts, Runc
+from shimv2.process import Process, Status, timestamp
+from shimv2.reaper import Exit
+from shimv2.runc import RestoreOpts, Runc, RuncError
 from shimv2.tasks import GuardedNursery
 
 log = logging.getLogger(__name__)
+
+# An exit waits for its output while the reader keeps taking it (an attached ctr
+# closes its FIFOs once it has the exit status), but no longer than this after
+# the output last moved: a reader that takes nothing does not hold the exit.
+IO_FLUSH_TIMEOUT = 2.0
 
 
 def check_spec(bundle: str) -> dict[str, Any]:
@@ -89,6 +99,7 @@ class Container:
         runc: Runc,
         init: Process,
         linux: dict[str, Any],
+        publisher: Publisher,
     ) -> None:
         self.id = container_id
         self.bundle = bundle
@@ -96,6 +107,7 @@ class Container:
         self.options = options
         self.runc = runc
         self.init = init
+        self.publisher = publisher
         self.execs: dict[str, Process] = {}
         # Execs between Start and their exit being published; the init's exit
         # waits for them so that its /tasks/exit comes last.
@@ -176,3 +188,93 @@ class Container:
             if process.io is not None:
                 process.io.close()
         self._cancel.cancel()
+
+    def watch_cgroup(self) -> None:
+        """Find the container's cgroup (for Stats) and arm the OOM watcher right away."""
+        if self.cgroup is not None:
+            self.cgroup.close()  # it keeps its OOM counter file open
+        try:
+            self.cgroup = cgroups.detect(self.init.pid)
+        except (OSError, cgroups.CgroupError) as exc:
+            log.warning("no cgroup for %s: %s", self.id, exc)
+            return
+        self.oom_kills_published = self.cgroup.oom_kills() or 0
+
+        def on_oom() -> None:
+            self.publish_ooms(notified=True)
+
+        self.nursery.start_soon(self.cgroup.watch_oom, on_oom)
+
+    def publish_ooms(self, notified: bool = False) -> None:
+        """/tasks/oom for every OOM kill not yet reported (also called before an exit,
+        so a killed init's OOM event always precedes its /tasks/exit)."""
+        if self.cgroup is None:
+            return
+        count = self.cgroup.oom_kills()
+        if count is None:  # no counter (old kernel): trust the notification
+            new = 1 if notified else 0
+        else:
+            new = count - self.oom_kills_published
+            self.oom_kills_published = max(count, self.oom_kills_published)
+        if new > 0:
+            self.publisher.publish("/tasks/oom", events.TaskOOM(container_id=self.id))
+
+    async def handle_exit(self, process: Process, e: Exit) -> None:
+        if process.is_init:
+            if not self.own_pid_namespace:
+                # Without its own PID namespace nothing kills the init's descendants.
+                try:
+                    await self.runc.kill(self.id, signal.SIGKILL, all=True)
+                except RuncError as exc:
+                    log.warning("kill --all after init exit of %s: %s", self.id, exc)
+            if process.status in (Status.PAUSED, Status.PAUSING):
+                # Killed while frozen: thaw the cgroup so runc can delete it.
+                try:
+                    await self.runc.resume(self.id)
+                except RuncError as exc:
+                    log.warning("resume after exit of paused %s: %s", self.id, exc)
+            # The execs die with the init (and if runc could not kill them, we do:
+            # an exec we have not reaped still owns its pid); their exits come first.
+            for exec_process in self.execs.values():
+                if exec_process.pid and not exec_process.reaped:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(exec_process.pid, signal.SIGKILL)
+            await self.execs_idle.wait()
+        if process.io is not None:
+            process.io.process_exited()  # a pty's output ends once drained
+        if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
+            log.warning(
+                "%s: output not all read (its reader took nothing for %.0fs, or an orphan "
+                "still writes); publishing the exit, delivery goes on until Delete",
+                process.id,
+                IO_FLUSH_TIMEOUT,
+            )
+        if process.is_init:
+            # Persisted before anyone hears of it: `delete` after a dead shim reports it.
+            record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)
+            try:
+                self.exit_file.write(record)
+            except OSError as exc:
+                # A full or read-only bundle filesystem must not cost the exit: State,
+                # Wait and the event still report it (and the journal may hold it).
+                log.error(
+                    "could not persist the exit of %s in %s: %s; kept in memory",
+                    self.id,
+                    bundlefiles.EXIT_FILE,
+                    exc.strerror or exc,
+                )
+        # Nothing awaited from here to the publish: State, Wait and the events agree.
+        self.publish_ooms()
+        process.set_exited(e.status, e.timestamp_ns)
+        self.publisher.publish(
+            "/tasks/exit",
+            events.TaskExit(
+                container_id=self.id,
+                id=process.id,
+                pid=process.pid,
+                exit_status=e.status,
+                exited_at=timestamp(e.timestamp_ns),
+            ),
+        )
+        if not process.is_init:
+            self.exec_finished()

@@ -16,6 +16,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("daemon",),
     ("debug", "shimlog"),
     ("service",),
+    ("exits",),  # matches reaped exits to container processes
     ("container",),
     ("process",),
     ("console",),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 import trio
+from google.protobuf import timestamp_pb2
 
 from shimv2.console import ConsoleIO
 from shimv2.stdio import PipeIO, StdioSpec
@@ -17,6 +18,12 @@ from shimv2.ttrpc import TTRPCError, status
 
 # Go's zero time (0001-01-01T00:00:00Z): "has not exited" on the wire.
 ZERO_TIME_NS = -62135596800 * 1_000_000_000
+
+
+def timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
 
 
 class Status(IntEnum):

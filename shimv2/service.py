@@ -1,10 +1,9 @@
 """The Task service: one method per RPC (spec: task-api.md §3).
 
 Handlers validate, find the container and process, drive runc, and publish
-events. Exit matching follows io-and-reaping.md §7.4: the reaper reports every
-exit synchronously; a process is matched once it is known to be started, and
-exits that race a Create/Start are collected by a subscriber and handled after
-the start event, so ``/tasks/exit`` never precedes ``/tasks/start``.
+events. Exits that race a Create/Start are held by the exit matcher
+(:mod:`shimv2.exits`) until the start event is published, so ``/tasks/exit``
+never precedes ``/tasks/start``.
 """
 
 from __future__ import annotations
@@ -16,16 +15,16 @@ import logging
 import os
 import re
 import shutil
-import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import trio
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from shimv2 import bundle as bundlefiles
 from shimv2 import cgroups, tracing
+from shimv2 import container as container_module
 from shimv2 import options as shimoptions
 from shimv2.api.containerd.events import task_pb2 as events
 from shimv2.api.containerd.runc.options import oci_pb2
@@ -34,9 +33,10 @@ from shimv2.api.containerd.types.task import task_pb2 as tasktypes
 from shimv2.console import ConsoleIO
 from shimv2.container import Container, check_spec, wants_systemd_cgroup
 from shimv2.events import Publisher, pack
+from shimv2.exits import ExitMatcher, ExitSubscriber
 from shimv2.mount import Mount
-from shimv2.process import Process, Status, kill_error
-from shimv2.reaper import Exit, Reaper
+from shimv2.process import Process, Status, kill_error, timestamp
+from shimv2.reaper import Reaper
 from shimv2.runc import CheckpointOpts, RestoreOpts, Runc, RuncError
 from shimv2.spool import SpoolConfig
 from shimv2.stdio import LoggerContext, PipeIO, StdioSpec
@@ -49,12 +49,6 @@ TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 # containerd's identifier rule (identifiers/validate.go).
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
 _MAX_ID = 76
-# An exit waits for its output while the reader keeps taking it (an attached ctr
-# closes its FIFOs once it has the exit status), but no longer than this after
-# the output last moved: a reader that takes nothing does not hold the exit.
-IO_FLUSH_TIMEOUT = 2.0
-
-ExitSubscriber = dict[int, list[Exit]]
 
 
 def validate_id(value: str, what: str = "container id") -> None:
@@ -123,12 +117,6 @@ def _prepare_bundle(
     return linux
 
 
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(ns)
-    return ts
-
-
 class TaskService:
     def __init__(
         self,
@@ -147,10 +135,8 @@ class TaskService:
         self._nursery = GuardedNursery(nursery, "shim")
         self._on_shutdown = on_shutdown
         self._shutdown_requested = False
-        # pid -> processes known to be started with that pid
-        self._running: dict[int, list[tuple[Container, Process]]] = {}
-        self._subscribers: list[ExitSubscriber] = []
-        reaper.subscribe(self._on_exit)
+        self._exits = ExitMatcher(self._nursery)
+        reaper.subscribe(self._exits.on_exit)
 
     def methods(self) -> dict[str, Method]:
         """The handlers, each in a span while tracing is on (Create may turn it on)."""
@@ -192,109 +178,6 @@ class TaskService:
         if process is None:
             raise status.not_found(f"process does not exist {exec_id}")
         return container, process
-
-    # -- exit matching ----------------------------------------------------------
-
-    def _on_exit(self, e: Exit) -> None:
-        """Called by the reaper for every exit, synchronously."""
-        for subscriber in self._subscribers:
-            subscriber.setdefault(e.pid, []).append(e)
-        for container, process in self._running.pop(e.pid, []):
-            self._exited(container, process, e)
-
-    def _subscribe(self) -> ExitSubscriber:
-        subscriber: ExitSubscriber = {}
-        self._subscribers.append(subscriber)
-        return subscriber
-
-    def _unsubscribe(self, subscriber: ExitSubscriber) -> None:
-        with contextlib.suppress(ValueError):
-            self._subscribers.remove(subscriber)
-
-    def _handle_started(
-        self, container: Container, process: Process, subscriber: ExitSubscriber
-    ) -> None:
-        """After the start event: handle an exit that raced the start, or watch the pid."""
-        self._unsubscribe(subscriber)
-        early = subscriber.get(process.pid) if process.pid else None
-        if process.reaped or any(p is process for _, p in self._running.get(process.pid, [])):
-            return  # its exit is known or already watched: never handle one exit twice
-        if early:
-            self._exited(container, process, early[0])
-        elif process.pid:
-            self._running.setdefault(process.pid, []).append((container, process))
-
-    def _exited(self, container: Container, process: Process, e: Exit) -> None:
-        """The reaper saw ``process`` exit: mark it at once, handle it in the background."""
-        process.reaped = True
-        nursery = container.background() or self._nursery
-        nursery.start_soon(self._handle_exit, container, process, e)
-
-    def _forget(self, container: Container, process: Process) -> None:
-        entries = self._running.get(process.pid, [])
-        entries[:] = [(c, p) for c, p in entries if p is not process]
-        if not entries:
-            self._running.pop(process.pid, None)
-
-    async def _handle_exit(self, container: Container, process: Process, e: Exit) -> None:
-        if process.is_init:
-            if not container.own_pid_namespace:
-                # Without its own PID namespace nothing kills the init's descendants.
-                try:
-                    await container.runc.kill(container.id, signal.SIGKILL, all=True)
-                except RuncError as exc:
-                    log.warning("kill --all after init exit of %s: %s", container.id, exc)
-            if process.status in (Status.PAUSED, Status.PAUSING):
-                # Killed while frozen: thaw the cgroup so runc can delete it.
-                try:
-                    await container.runc.resume(container.id)
-                except RuncError as exc:
-                    log.warning("resume after exit of paused %s: %s", container.id, exc)
-            # The execs die with the init (and if runc could not kill them, we do:
-            # an exec we have not reaped still owns its pid); their exits come first.
-            for exec_process in container.execs.values():
-                if exec_process.pid and not exec_process.reaped:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(exec_process.pid, signal.SIGKILL)
-            await container.execs_idle.wait()
-        if process.io is not None:
-            process.io.process_exited()  # a pty's output ends once drained
-        if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
-            log.warning(
-                "%s: output not all read (its reader took nothing for %.0fs, or an orphan "
-                "still writes); publishing the exit, delivery goes on until Delete",
-                process.id,
-                IO_FLUSH_TIMEOUT,
-            )
-        if process.is_init:
-            # Persisted before anyone hears of it: `delete` after a dead shim reports it.
-            record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)
-            try:
-                container.exit_file.write(record)
-            except OSError as exc:
-                # A full or read-only bundle filesystem must not cost the exit: State,
-                # Wait and the event still report it (and the journal may hold it).
-                log.error(
-                    "could not persist the exit of %s in %s: %s; kept in memory",
-                    container.id,
-                    bundlefiles.EXIT_FILE,
-                    exc.strerror or exc,
-                )
-        # Nothing awaited from here to the publish: State, Wait and the events agree.
-        self._publish_ooms(container)
-        process.set_exited(e.status, e.timestamp_ns)
-        self._publisher.publish(
-            "/tasks/exit",
-            events.TaskExit(
-                container_id=container.id,
-                id=process.id,
-                pid=process.pid,
-                exit_status=e.status,
-                exited_at=_timestamp(e.timestamp_ns),
-            ),
-        )
-        if not process.is_init:
-            container.exec_finished()
 
     async def _open_io(self, container: Container, process: Process) -> PipeIO | ConsoleIO:
         """The process's stdio, attached to it, ready for runc (a logger is running)."""
@@ -372,7 +255,7 @@ class TaskService:
                 pid=init.pid,
             ),
         )
-        self._handle_started(container, init, subscriber)
+        self._exits.started(container, init, subscriber)
         return api.CreateTaskResponse(pid=init.pid)
 
     async def _create(
@@ -381,7 +264,9 @@ class TaskService:
         stdio = StdioSpec(req.stdin, req.stdout, req.stderr, req.terminal)
         init = Process(req.id, "", stdio)
         runc = Runc(self._reaper, opts, self.namespace, req.bundle)
-        container = Container(req.id, req.bundle, self.namespace, opts, runc, init, linux)
+        container = Container(
+            req.id, req.bundle, self.namespace, opts, runc, init, linux, self._publisher
+        )
         mounts = [Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
         try:
             if mounts:  # ctr --rootfs, CRI with a mounted snapshot: nothing to mount
@@ -395,7 +280,7 @@ class TaskService:
                 work_path=opts.criu_work_path or os.path.join(req.bundle, "work"),
                 parent_path=req.parent_checkpoint,
             )
-        subscriber = self._subscribe()
+        subscriber = self._exits.subscribe()
         created = False
         try:
             io = await self._open_io(container, init)
@@ -418,9 +303,9 @@ class TaskService:
                 await io.runc_started()
                 init.pid = bundlefiles.read_pid(pid_file)
                 io.start(container.nursery)
-                self._watch_cgroup(container)
+                container.watch_cgroup()
         except BaseException as exc:
-            self._unsubscribe(subscriber)
+            self._exits.unsubscribe(subscriber)
             with trio.CancelScope(shield=True):
                 await self._abort_create(container, created)
             if isinstance(exc, RuncError):
@@ -430,36 +315,6 @@ class TaskService:
             raise
         return container, subscriber
 
-    def _watch_cgroup(self, container: Container) -> None:
-        """Find the container's cgroup (for Stats) and arm the OOM watcher right away."""
-        if container.cgroup is not None:
-            container.cgroup.close()  # it keeps its OOM counter file open
-        try:
-            container.cgroup = cgroups.detect(container.init.pid)
-        except (OSError, cgroups.CgroupError) as exc:
-            log.warning("no cgroup for %s: %s", container.id, exc)
-            return
-        container.oom_kills_published = container.cgroup.oom_kills() or 0
-
-        def on_oom() -> None:
-            self._publish_ooms(container, notified=True)
-
-        container.nursery.start_soon(container.cgroup.watch_oom, on_oom)
-
-    def _publish_ooms(self, container: Container, notified: bool = False) -> None:
-        """/tasks/oom for every OOM kill not yet reported (also called before an exit,
-        so a killed init's OOM event always precedes its /tasks/exit)."""
-        if container.cgroup is None:
-            return
-        count = container.cgroup.oom_kills()
-        if count is None:  # no counter (old kernel): trust the notification
-            new = 1 if notified else 0
-        else:
-            new = count - container.oom_kills_published
-            container.oom_kills_published = max(count, container.oom_kills_published)
-        if new > 0:
-            self._publisher.publish("/tasks/oom", events.TaskOOM(container_id=container.id))
-
     async def _abort_create(self, container: Container, created: bool) -> None:
         """Undo a failed Create: nothing of the container may be left behind."""
         if created:
@@ -468,7 +323,7 @@ class TaskService:
             except RuncError as exc:
                 if "does not exist" not in exc.message:  # runc failed before creating it
                     log.warning("cleaning up failed create of %s: %s", container.id, exc)
-        self._forget(container, container.init)
+        self._exits.forget(container.init)
         await self._close_io(container.init)
         container.close()
         try:
@@ -489,25 +344,25 @@ class TaskService:
 
     async def _start_init(self, container: Container, process: Process) -> api.StartResponse:
         # An exit during `runc start` must wait until /tasks/start is published.
-        self._forget(container, process)
-        subscriber = self._subscribe()
+        self._exits.forget(process)
+        subscriber = self._exits.subscribe()
         try:
             if container.restore is not None:
                 await self._restore(container, process)
             else:
                 await container.runc.start(container.id)
         except RuncError as exc:
-            self._handle_started(container, process, subscriber)
+            self._exits.started(container, process, subscriber)
             what = "restore" if container.restore is not None else "start"
             raise status.unknown(f"OCI runtime {what} failed: {exc.message}") from exc
         except BaseException:
-            self._handle_started(container, process, subscriber)
+            self._exits.started(container, process, subscriber)
             raise
         process.set_running(process.pid)
         self._publisher.publish(
             "/tasks/start", events.TaskStart(container_id=container.id, pid=process.pid)
         )
-        self._handle_started(container, process, subscriber)
+        self._exits.started(container, process, subscriber)
         return api.StartResponse(pid=process.pid)
 
     async def _restore(self, container: Container, init: Process) -> None:
@@ -526,7 +381,7 @@ class TaskService:
         await init.io.runc_started()
         init.pid = bundlefiles.read_pid(pid_file)
         init.io.start(container.nursery)
-        self._watch_cgroup(container)
+        container.watch_cgroup()
         container.restore = None
 
     async def _start_exec(self, container: Container, process: Process) -> api.StartResponse:
@@ -536,7 +391,7 @@ class TaskService:
                 f"container {container.id} init process is not running"
             )
         container.exec_started()
-        subscriber = self._subscribe()
+        subscriber = self._exits.subscribe()
         try:
             io = await self._open_io(container, process)
             pid_file = os.path.join(container.bundle, f"{process.exec_id}.pid")
@@ -552,7 +407,7 @@ class TaskService:
             process.set_running(bundlefiles.read_pid(pid_file))
             io.start(container.nursery)
         except BaseException as exc:
-            self._unsubscribe(subscriber)
+            self._exits.unsubscribe(subscriber)
             container.exec_finished()
             self._nursery.start_soon(self._close_io, process)
             # It never ran: it is stopped, and only Delete is left to do.
@@ -568,7 +423,7 @@ class TaskService:
                 container_id=container.id, exec_id=process.exec_id, pid=process.pid
             ),
         )
-        self._handle_started(container, process, subscriber)
+        self._exits.started(container, process, subscriber)
         return api.StartResponse(pid=process.pid)
 
     @_uncancellable
@@ -620,7 +475,7 @@ class TaskService:
         process.begin_delete()
         try:
             if process.io is not None:
-                await process.io.wait_output(IO_FLUSH_TIMEOUT)
+                await process.io.wait_output(container_module.IO_FLUSH_TIMEOUT)
             if process.is_init:
                 await self._delete_container(container)
         except BaseException:
@@ -635,7 +490,7 @@ class TaskService:
         return api.DeleteResponse(
             pid=process.pid,
             exit_status=process.exit_status,
-            exited_at=_timestamp(process.exited_at_or_zero),
+            exited_at=timestamp(process.exited_at_or_zero),
         )
 
     async def _delete_container(self, container: Container) -> None:
@@ -645,7 +500,7 @@ class TaskService:
         except RuncError as exc:
             if "does not exist" not in exc.message:
                 raise status.unknown(f"failed to delete task: {exc.message}") from exc
-        self._forget(container, init)
+        self._exits.forget(init)
         init.mark_deleted()
         await self._close_io(init, *container.execs.values())
         container.close()
@@ -662,7 +517,7 @@ class TaskService:
                 container_id=container.id,
                 pid=init.pid,
                 exit_status=init.exit_status,
-                exited_at=_timestamp(init.exited_at_or_zero),
+                exited_at=timestamp(init.exited_at_or_zero),
             ),
         )
         # The task is deleted: its journal goes once /tasks/delete is delivered.
@@ -686,7 +541,7 @@ class TaskService:
             stderr=process.stdio.stderr,
             terminal=process.stdio.terminal,
             exit_status=process.exit_status,
-            exited_at=_timestamp(process.exited_at_or_zero),
+            exited_at=timestamp(process.exited_at_or_zero),
             exec_id=process.exec_id,
         )
 
@@ -699,7 +554,7 @@ class TaskService:
             raise TTRPCError(Code.CANCELLED, "connection closed")
         return api.WaitResponse(
             exit_status=process.exit_status,
-            exited_at=_timestamp(process.exited_at_or_zero),
+            exited_at=timestamp(process.exited_at_or_zero),
         )
 
     @_uncancellable

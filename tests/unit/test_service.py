@@ -39,7 +39,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
 from shimv2 import bundle as bundlefiles
-from shimv2 import service as service_module
+from shimv2 import container as container_module
 from shimv2.api.containerd.events import task_pb2 as events
 from shimv2.api.containerd.runc.options import oci_pb2
 from shimv2.api.containerd.services.events.ttrpc.v1 import events_pb2
@@ -935,12 +935,12 @@ async def _unread_output(shim: Shim, *, reader_stays: bool) -> bytes:
 
 
 async def _reader_that_takes_nothing(shim: Shim) -> bytes:
-    service_module.IO_FLUSH_TIMEOUT = 0.2  # this shim only: the exit waits this long
+    container_module.IO_FLUSH_TIMEOUT = 0.2  # this shim only: the exit waits this long
     return await _unread_output(shim, reader_stays=True)
 
 
 async def _reader_gone(shim: Shim) -> bytes:
-    service_module.IO_FLUSH_TIMEOUT = 3600.0  # no reader: the exit must not wait for it
+    container_module.IO_FLUSH_TIMEOUT = 3600.0  # no reader: the exit must not wait for it
     return await _unread_output(shim, reader_stays=False)
 
 
@@ -952,7 +952,7 @@ def test_a_reader_that_takes_nothing_does_not_hold_the_exit_and_loses_nothing(
 
 
 async def _orphan_keeps_writing(shim: Shim) -> bytes:
-    service_module.IO_FLUSH_TIMEOUT = 0.2  # this shim only; the cap is not under test
+    container_module.IO_FLUSH_TIMEOUT = 0.2  # this shim only; the cap is not under test
     stdout = shim.fifo("out")
     stop = shim.base / "stop"
     script = f"(while [ ! -e {stop} ]; do echo x; sleep 0.01; done; echo end) & exit 3"
