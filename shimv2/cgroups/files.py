@@ -1,3 +1,11 @@
+"""Reading and writing cgroupfs files, the same way for both hierarchies.
+
+What belongs here: where cgroupfs is mounted (``DEFAULT_ROOT``), the errors of
+the package, and the readers of the formats v1 and v2 share (single numbers,
+``key value`` lines, rdma lines). A file of a cgroup that is being removed
+reads as missing (None), never as an error: a container may go at any time.
+"""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +21,7 @@ _GONE_ERRNOS = (errno.ENOENT, errno.ENODEV)
 
 
 class CgroupError(Exception):
-    pass
+    """A cgroup that cannot be found, parsed or joined."""
 
 
 class CgroupGone(CgroupError):

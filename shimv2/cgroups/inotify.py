@@ -1,3 +1,10 @@
+"""The inotify fd the cgroup v2 OOM watch waits on.
+
+What belongs here: the inotify calls (libc through ctypes, imported only when a
+watch starts), nothing about cgroups. v1 needs none: its kernel signals an OOM
+on an eventfd.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,3 +1,10 @@
+"""Where a process's cgroups are: /proc/PID/cgroup, the mount table, v1 or v2.
+
+What belongs here: parsing ``/proc/<pid>/cgroup`` (:class:`CgroupPaths`) and
+mountinfo, and telling a unified host (cgroup2 at the root) from a v1 or hybrid
+one: the facts ``detect`` and placement decide on. No cgroupfs file is read here.
+"""
+
 from __future__ import annotations
 
 import os

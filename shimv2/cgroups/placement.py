@@ -1,3 +1,11 @@
+"""Putting a process into cgroups, on either hierarchy (runc places containers).
+
+What belongs here: ``move_to_cgroup`` (``start`` puts the shim into the
+``shim_cgroup`` option's cgroup) and ``join_cgroups`` (a fork server's child
+takes over the cgroups of the ``start`` that asked for it). Both run on the
+``start`` path: the standard library only.
+"""
+
 from __future__ import annotations
 
 import os

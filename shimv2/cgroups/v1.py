@@ -1,3 +1,11 @@
+"""cgroup v1: a container's cgroup spread over one hierarchy per controller.
+
+What belongs here: :class:`CgroupV1` (stats as ``io.containerd.cgroups.v1.Metrics``,
+the OOM-kill count from ``memory.oom_control``), the readers of files only v1
+has (cpuacct, blkio with /proc/partitions, hugetlb usage), and its OOM watch:
+an eventfd registered through ``cgroup.event_control``.
+"""
+
 from __future__ import annotations
 
 import logging

@@ -1,3 +1,11 @@
+"""cgroup v2: a container's cgroup as one directory of the unified hierarchy.
+
+What belongs here: :class:`CgroupV2` (stats as ``io.containerd.cgroups.v2.Metrics``,
+the OOM-kill count from ``memory.events``), the readers of files only v2 has
+(PSI ``*.pressure``, ``io.stat``, ``hugetlb.*.current``/``max``), and its OOM
+watch: inotify on ``memory.events`` and ``cgroup.events``.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""cgroups.py: /proc/<pid>/cgroup, stats in both Metrics layouts, OOM watchers, shim placement.
+"""shimv2.cgroups: /proc/<pid>/cgroup, stats in both Metrics layouts, OOM watchers, shim placement.
 
 Fake trees in tmp_path use the file formats of a real kernel (copied from the
 v1 hierarchies of the test machine, and the cgroup2 documentation for v2).
@@ -39,6 +39,7 @@ from shimv2.cgroups import (
     watch_oom_v1,
     watch_oom_v2,
 )
+from shimv2.cgroups.files import _KvReader
 
 MAX64 = (1 << 64) - 1
 MAX32 = (1 << 32) - 1
@@ -1187,7 +1188,7 @@ def test_join_cgroups_without_a_mount_for_a_hierarchy_fails(tmp_path: Path) -> N
 def test_kv_reader_rereads_one_open_file(tmp_path: Path) -> None:
     path = tmp_path / "memory.events"
     path.write_text("oom 0\noom_kill 0\n")
-    reader = cgroups._KvReader(str(path))
+    reader = _KvReader(str(path))
     assert reader.read() == {"oom": 0, "oom_kill": 0}
     with open(path, "r+") as f:  # the kernel rewrites a cgroup file in place
         f.write("oom 1\noom_kill 2\n")
@@ -1197,4 +1198,4 @@ def test_kv_reader_rereads_one_open_file(tmp_path: Path) -> None:
     assert reader._fd < 0
     path.unlink()
     assert reader.read() is None
-    assert cgroups._KvReader(str(tmp_path / "gone")).read() is None
+    assert _KvReader(str(tmp_path / "gone")).read() is None
