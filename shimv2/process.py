@@ -157,6 +157,15 @@ class Process:
         if self._stdin_close_requested:
             io.close_stdin()
 
+    def resize_pty(self, width: int, height: int) -> None:
+        if not self.is_init and self.status == Status.STOPPED:
+            raise status.unknown("cannot resize a stopped container")
+        if self.io is not None:
+            try:
+                self.io.resize(width, height)
+            except OSError as exc:
+                raise status.error_from_exception(exc) from exc
+
     def close_stdin(self) -> None:
         """CloseIO; remembered when it arrives before the stdio exists (exec Start race)."""
         self._stdin_close_requested = True
@@ -183,6 +192,16 @@ class Process:
         if not self.exited.is_set():
             self.status = Status.STOPPED
             self.exited.set()
+
+
+async def close_io(*processes: Process) -> None:
+    """Release the stdio of deleted processes; their binary loggers are stopped together."""
+    ios = [p.io for p in processes if p.io is not None]
+    for io in ios:
+        io.close()
+    async with trio.open_nursery() as nursery:
+        for io in ios:
+            nursery.start_soon(io.shutdown_logger)
 
 
 _ALREADY_FINISHED = ("os: process already finished", "container not running", "no such process")

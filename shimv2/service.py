@@ -8,38 +8,30 @@ never precedes ``/tasks/start``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import re
-import shutil
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import trio
 from google.protobuf import empty_pb2
 
-from shimv2 import bundle as bundlefiles
-from shimv2 import cgroups, tracing
-from shimv2 import container as container_module
 from shimv2 import options as shimoptions
+from shimv2 import tracing
 from shimv2.api.containerd.events import task_pb2 as events
 from shimv2.api.containerd.runc.options import oci_pb2
 from shimv2.api.containerd.task.v2 import shim_pb2 as api
 from shimv2.api.containerd.types.task import task_pb2 as tasktypes
-from shimv2.console import ConsoleIO
-from shimv2.container import Container, check_spec, wants_systemd_cgroup
+from shimv2.container import Container, prepare_bundle
 from shimv2.events import Publisher, pack
 from shimv2.exits import ExitMatcher, ExitSubscriber
 from shimv2.mount import Mount
-from shimv2.process import Process, Status, kill_error, timestamp
+from shimv2.process import Process, Status, timestamp
 from shimv2.reaper import Reaper
-from shimv2.runc import CheckpointOpts, RestoreOpts, Runc, RuncError
-from shimv2.spool import SpoolConfig
-from shimv2.stdio import LoggerContext, PipeIO, StdioSpec
+from shimv2.stdio import StdioSpec
 from shimv2.tasks import GuardedNursery
 from shimv2.ttrpc import Code, Method, RequestContext, TTRPCError, status
 
@@ -70,51 +62,6 @@ def _uncancellable(handler: Handler) -> Handler:
             return await handler(*args)
 
     return cast(Handler, run)
-
-
-@contextlib.contextmanager
-def _process_file(spec_json: bytes, terminal: bool) -> Iterator[str]:
-    """The exec's OCI Process as a temporary file for ``runc exec --process``
-    (one write: tempfile and a text-mode json.dump cost ~0.4 ms per exec)."""
-    spec = json.loads(spec_json)
-    if spec.get("terminal", False) != terminal:
-        spec["terminal"] = terminal
-        spec_json = json.dumps(spec).encode()
-    directory = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    path = os.path.join(directory, f"runc-process{os.urandom(6).hex()}.json")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(spec_json)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-def _prepare_bundle(
-    bundle: str, container_id: str, opts: shimoptions.ShimOptions
-) -> dict[str, Any]:
-    """config.json's ``linux`` section (ValueError if unusable),
-    then the runc options (with the cgroup driver decided) persisted for ``delete``."""
-    linux = check_spec(bundle)
-    opts.systemd_cgroup = wants_systemd_cgroup(opts.systemd_cgroup, linux)
-    try:
-        bundlefiles.write_runc_options(bundle, opts)
-    except OSError as exc:
-        # Only `shim delete` after a dead shim reads it (and then falls back to
-        # the default runc root): not worth failing the Create for.
-        log.error(
-            "could not persist the runc options of %s in %s: %s",
-            container_id,
-            bundlefiles.OPTIONS_FILE,
-            exc.strerror or exc,
-        )
-    return linux
 
 
 class TaskService:
@@ -179,33 +126,6 @@ class TaskService:
             raise status.not_found(f"process does not exist {exec_id}")
         return container, process
 
-    async def _open_io(self, container: Container, process: Process) -> PipeIO | ConsoleIO:
-        """The process's stdio, attached to it, ready for runc (a logger is running)."""
-        io: PipeIO | ConsoleIO
-        logger = LoggerContext(self._reaper.spawn, process.id, self.namespace)
-        spool = SpoolConfig(
-            container.bundle,
-            container.options.spool_limit,
-            prefix=f"{process.exec_id}." if process.exec_id else "",
-            owner=f"exec {process.exec_id} of {container.id}" if process.exec_id else container.id,
-        )
-        if process.stdio.terminal:
-            io = ConsoleIO(process.stdio, logger, spool)
-        else:
-            io = PipeIO(process.stdio, *container.io_owner, logger=logger, spool=spool)
-        process.attach_io(io)
-        await io.ready()
-        return io
-
-    async def _close_io(self, *processes: Process) -> None:
-        """Release the stdio of deleted processes; their binary loggers are stopped together."""
-        ios = [p.io for p in processes if p.io is not None]
-        for io in ios:
-            io.close()
-        async with trio.open_nursery() as nursery:
-            for io in ios:
-                nursery.start_soon(io.shutdown_logger)
-
     # -- RPCs -------------------------------------------------------------------
 
     @_uncancellable
@@ -231,7 +151,7 @@ class TaskService:
                 # On the event loop, like the pid file and the journal: small files in
                 # the bundle. A worker thread would not run the JSON parser beside the
                 # loop (the GIL), and a fresh daemon's first one costs ~1.2 ms to start.
-                linux = _prepare_bundle(req.bundle, req.id, opts)
+                linux = prepare_bundle(req.bundle, req.id, opts)
             except ValueError as exc:
                 raise status.invalid_argument(
                     f"invalid config.json in {req.bundle}: {exc}"
@@ -263,73 +183,17 @@ class TaskService:
     ) -> tuple[Container, ExitSubscriber]:
         stdio = StdioSpec(req.stdin, req.stdout, req.stderr, req.terminal)
         init = Process(req.id, "", stdio)
-        runc = Runc(self._reaper, opts, self.namespace, req.bundle)
         container = Container(
-            req.id, req.bundle, self.namespace, opts, runc, init, linux, self._publisher
+            req.id, req.bundle, self.namespace, opts, init, linux, self._reaper, self._publisher
         )
-        mounts = [Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
-        try:
-            if mounts:  # ctr --rootfs, CRI with a mounted snapshot: nothing to mount
-                await trio.to_thread.run_sync(container.mount_rootfs, mounts)
-        except OSError as exc:
-            raise status.unknown(f"failed to mount rootfs component: {exc}") from exc
-        if req.checkpoint:
-            # Restored at Start (runc restore creates and starts in one go).
-            container.restore = RestoreOpts(
-                image_path=req.checkpoint,
-                work_path=opts.criu_work_path or os.path.join(req.bundle, "work"),
-                parent_path=req.parent_checkpoint,
-            )
+        await container.mount([Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs])
         subscriber = self._exits.subscribe()
-        created = False
         try:
-            io = await self._open_io(container, init)
-            await self._nursery.start(container.run)
-            if container.restore is None:
-                pid_file = os.path.join(req.bundle, "init.pid")
-                # A failing `runc create` may leave a half-created container (and a
-                # waiting `runc init`): ours to remove, unless its state was there before.
-                created = not os.path.lexists(os.path.join(runc.root, req.id))
-                await runc.create(
-                    req.id,
-                    req.bundle,
-                    pid_file,
-                    io.runc_fds(),
-                    console_socket=io.console_socket,
-                    no_pivot=opts.no_pivot_root,
-                    no_new_keyring=opts.no_new_keyring,
-                )
-                created = True
-                await io.runc_started()
-                init.pid = bundlefiles.read_pid(pid_file)
-                io.start(container.nursery)
-                container.watch_cgroup()
-        except BaseException as exc:
+            await container.create(self._nursery, req.checkpoint, req.parent_checkpoint)
+        except BaseException:
             self._exits.unsubscribe(subscriber)
-            with trio.CancelScope(shield=True):
-                await self._abort_create(container, created)
-            if isinstance(exc, RuncError):
-                raise status.unknown(f"OCI runtime create failed: {exc.message}") from exc
-            if isinstance(exc, OSError):
-                raise status.error_from_exception(exc) from exc
             raise
         return container, subscriber
-
-    async def _abort_create(self, container: Container, created: bool) -> None:
-        """Undo a failed Create: nothing of the container may be left behind."""
-        if created:
-            try:
-                await container.runc.delete(container.id, force=True)
-            except RuncError as exc:
-                if "does not exist" not in exc.message:  # runc failed before creating it
-                    log.warning("cleaning up failed create of %s: %s", container.id, exc)
-        self._exits.forget(container.init)
-        await self._close_io(container.init)
-        container.close()
-        try:
-            await trio.to_thread.run_sync(container.unmount_rootfs)
-        except OSError as exc:
-            log.warning("cleaning up failed create of %s: %s", container.id, exc)
 
     @_uncancellable
     async def start(self, req: api.StartRequest, ctx: RequestContext) -> api.StartResponse:
@@ -347,14 +211,7 @@ class TaskService:
         self._exits.forget(process)
         subscriber = self._exits.subscribe()
         try:
-            if container.restore is not None:
-                await self._restore(container, process)
-            else:
-                await container.runc.start(container.id)
-        except RuncError as exc:
-            self._exits.started(container, process, subscriber)
-            what = "restore" if container.restore is not None else "start"
-            raise status.unknown(f"OCI runtime {what} failed: {exc.message}") from exc
+            await container.start_init()
         except BaseException:
             self._exits.started(container, process, subscriber)
             raise
@@ -365,25 +222,6 @@ class TaskService:
         self._exits.started(container, process, subscriber)
         return api.StartResponse(pid=process.pid)
 
-    async def _restore(self, container: Container, init: Process) -> None:
-        """``runc restore`` of a task created from a checkpoint: it runs from here on."""
-        assert container.restore is not None and init.io is not None
-        pid_file = os.path.join(container.bundle, "init.pid")
-        await container.runc.restore(
-            container.id,
-            container.bundle,
-            pid_file,
-            init.io.runc_fds(),
-            container.restore,
-            console_socket=init.io.console_socket,
-            no_pivot=container.options.no_pivot_root,
-        )
-        await init.io.runc_started()
-        init.pid = bundlefiles.read_pid(pid_file)
-        init.io.start(container.nursery)
-        container.watch_cgroup()
-        container.restore = None
-
     async def _start_exec(self, container: Container, process: Process) -> api.StartResponse:
         init = container.init
         if init.reaped or init.status == Status.STOPPED or init.deleted:
@@ -393,29 +231,10 @@ class TaskService:
         container.exec_started()
         subscriber = self._exits.subscribe()
         try:
-            io = await self._open_io(container, process)
-            pid_file = os.path.join(container.bundle, f"{process.exec_id}.pid")
-            with _process_file(process.spec_json, process.stdio.terminal) as process_file:
-                await container.runc.exec(
-                    container.id,
-                    process_file,
-                    pid_file,
-                    io.runc_fds(),
-                    console_socket=io.console_socket,
-                )
-            await io.runc_started()
-            process.set_running(bundlefiles.read_pid(pid_file))
-            io.start(container.nursery)
-        except BaseException as exc:
+            await container.start_exec(process)
+        except BaseException:
             self._exits.unsubscribe(subscriber)
-            container.exec_finished()
-            self._nursery.start_soon(self._close_io, process)
-            # It never ran: it is stopped, and only Delete is left to do.
-            process.set_exited(255, time.time_ns())
-            if isinstance(exc, RuncError):
-                raise status.unknown(f"OCI runtime exec failed: {exc.message}") from exc
-            if isinstance(exc, OSError):
-                raise status.error_from_exception(exc) from exc
+            container.exec_failed(process, self._nursery)
             raise
         self._publisher.publish(
             "/tasks/exec-started",
@@ -441,11 +260,8 @@ class TaskService:
                 raise ValueError("the process has no args")
         except ValueError as exc:
             raise status.invalid_argument(f"invalid exec process spec: {exc}") from exc
-        process = Process(
-            container.id, req.exec_id, StdioSpec(req.stdin, req.stdout, req.stderr, req.terminal)
-        )
-        process.spec_json = req.spec.value
-        container.execs[req.exec_id] = process
+        stdio = StdioSpec(req.stdin, req.stdout, req.stderr, req.terminal)
+        container.add_exec(req.exec_id, stdio, req.spec.value)
         self._publisher.publish(
             "/tasks/exec-added",
             events.TaskExecAdded(container_id=container.id, exec_id=req.exec_id),
@@ -460,13 +276,7 @@ class TaskService:
 
     async def resize_pty(self, req: api.ResizePtyRequest, ctx: RequestContext) -> empty_pb2.Empty:
         _, process = self._process(req.id, req.exec_id)
-        if not process.is_init and process.status == Status.STOPPED:
-            raise status.unknown("cannot resize a stopped container")
-        if process.io is not None:
-            try:
-                process.io.resize(req.width, req.height)
-            except OSError as exc:
-                raise status.error_from_exception(exc) from exc
+        process.resize_pty(req.width, req.height)
         return empty_pb2.Empty()
 
     @_uncancellable
@@ -474,19 +284,14 @@ class TaskService:
         container, process = self._process(req.id, req.exec_id)
         process.begin_delete()
         try:
-            if process.io is not None:
-                await process.io.wait_output(container_module.IO_FLUSH_TIMEOUT)
+            await container.wait_output(process)
             if process.is_init:
                 await self._delete_container(container)
         except BaseException:
             process.deleting = False
             raise
         if not process.is_init:
-            await self._close_io(process)
-            process.mark_deleted()
-            container.execs.pop(process.exec_id, None)
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(container.bundle, f"{process.exec_id}.pid"))
+            await container.delete_exec(process)
         return api.DeleteResponse(
             pid=process.pid,
             exit_status=process.exit_status,
@@ -495,22 +300,11 @@ class TaskService:
 
     async def _delete_container(self, container: Container) -> None:
         init = container.init
-        try:
-            await container.runc.delete(container.id)
-        except RuncError as exc:
-            if "does not exist" not in exc.message:
-                raise status.unknown(f"failed to delete task: {exc.message}") from exc
+        await container.delete()
         self._exits.forget(init)
-        init.mark_deleted()
-        await self._close_io(init, *container.execs.values())
-        container.close()
+        await container.release()
         self.containers.pop(container.id, None)
-        unmount_error = None
-        try:
-            if container.mounted_rootfs:  # else no trip to a worker thread (~0.3 ms)
-                await trio.to_thread.run_sync(container.unmount_rootfs)
-        except OSError as exc:
-            unmount_error = exc
+        unmount_error = await container.unmount()
         self._publisher.publish(
             "/tasks/delete",
             events.TaskDelete(
@@ -560,47 +354,20 @@ class TaskService:
     @_uncancellable
     async def kill(self, req: api.KillRequest, ctx: RequestContext) -> empty_pb2.Empty:
         container, process = self._process(req.id, req.exec_id)
-        process.check_kill()
-        if process.is_init:
-            try:
-                await container.runc.kill(container.id, req.signal, all=req.all)
-            except RuncError as exc:
-                raise kill_error(exc) from exc
-        else:
-            try:
-                os.kill(process.pid, req.signal)
-            except ProcessLookupError as exc:
-                raise kill_error(exc) from exc
+        await container.kill(process, req.signal, req.all)
         return empty_pb2.Empty()
 
     @_uncancellable
     async def pause(self, req: api.PauseRequest, ctx: RequestContext) -> empty_pb2.Empty:
         container = self._container(req.id)
-        init = container.init
-        init.check_pause()
-        init.status = Status.PAUSING
-        try:
-            await container.runc.pause(container.id)
-        except RuncError as exc:
-            if init.status == Status.PAUSING:
-                init.status = Status.RUNNING
-            raise status.unknown(f"OCI runtime pause failed: {exc.message}") from exc
-        if init.status == Status.PAUSING:  # not exited meanwhile
-            init.status = Status.PAUSED
+        await container.pause()
         self._publisher.publish("/tasks/paused", events.TaskPaused(container_id=container.id))
         return empty_pb2.Empty()
 
     @_uncancellable
     async def resume(self, req: api.ResumeRequest, ctx: RequestContext) -> empty_pb2.Empty:
         container = self._container(req.id)
-        init = container.init
-        init.check_resume()
-        try:
-            await container.runc.resume(container.id)
-        except RuncError as exc:
-            raise status.unknown(f"OCI runtime resume failed: {exc.message}") from exc
-        if init.status == Status.PAUSED:
-            init.status = Status.RUNNING
+        await container.resume()
         self._publisher.publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
         return empty_pb2.Empty()
 
@@ -614,36 +381,7 @@ class TaskService:
             o = shimoptions.checkpoint_from_any(req.options.type_url, req.options.value)
         except ValueError as exc:
             raise status.invalid_argument(str(exc)) from exc
-        image_path = req.path or o.image_path or container.options.criu_image_path
-        if not image_path:
-            raise status.invalid_argument("checkpoint needs an image path")
-        # Without a work path criu works in a scratch dir, removed afterwards.
-        work_path = o.work_path or container.options.criu_work_path
-        scratch = not work_path
-        if scratch:
-            work_path = os.path.join(container.bundle, "work", "criu-work")
-        opts = CheckpointOpts(
-            image_path=image_path,
-            work_path=work_path,
-            leave_running=not o.exit,
-            tcp_established=o.open_tcp,
-            external_unix_sockets=o.external_unix_sockets,
-            shell_job=o.terminal,
-            file_locks=o.file_locks,
-            empty_namespaces=list(o.empty_namespaces),
-            cgroups_mode=o.cgroups_mode,
-        )
-        try:
-            await container.runc.checkpoint(container.id, opts)
-        except RuncError as exc:
-            dump_log = os.path.join(container.bundle, "criu-dump.log")
-            with contextlib.suppress(OSError):
-                shutil.copyfile(os.path.join(work_path, "dump.log"), dump_log)
-            first_line = exc.message.splitlines()[0] if exc.message else "checkpoint failed"
-            raise status.unknown(f"{first_line} path= {dump_log}") from exc
-        finally:
-            if scratch:
-                shutil.rmtree(work_path, ignore_errors=True)
+        image_path = await container.checkpoint(req.path, o)
         self._publisher.publish(
             "/tasks/checkpointed",
             events.TaskCheckpointed(container_id=container.id, checkpoint=image_path),
@@ -664,45 +402,20 @@ class TaskService:
                 raise ValueError("not a JSON object")
         except ValueError as exc:
             raise status.invalid_argument(f"invalid LinuxResources: {exc}") from exc
-        try:
-            await container.runc.update(container.id, json.dumps(resources).encode())
-        except RuncError as exc:
-            raise status.unknown(f"OCI runtime update failed: {exc.message}") from exc
+        await container.update(resources)
         return empty_pb2.Empty()
 
     async def stats(self, req: api.StatsRequest, ctx: RequestContext) -> api.StatsResponse:
         container = self._container(req.id)
-        if container.cgroup is None:
-            raise status.not_found("cgroup does not exist")
-        try:
-            metrics = container.cgroup.stats()
-        except cgroups.CgroupGone as exc:
-            raise status.not_found("cgroup does not exist") from exc
-        return api.StatsResponse(stats=pack(metrics))
+        return api.StatsResponse(stats=pack(container.stats()))
 
     async def pids(self, req: api.PidsRequest, ctx: RequestContext) -> api.PidsResponse:
         container = self._container(req.id)
-        init = container.init
-        # containerd >= 1.7 deletes a reloaded shim whose Pids is empty or fails
-        # ("cleaning leaked shim process"), container and all. An init that has
-        # exited (reaped or not yet), or whose `runc ps` failed, still owes
-        # containerd its exit: it is listed, as ps lists a zombie, until Delete.
-        holds_init = init.pid > 0 and not (init.deleted or init.deleting)
-        try:
-            pids = await container.runc.ps(container.id)
-        except RuncError as exc:
-            if not holds_init:
-                raise status.unknown(exc.message) from exc
-            log.warning("Pids of %s: runc ps failed, listing the init only: %s", req.id, exc)
-            pids = []
-        if holds_init and init.pid not in pids:
-            pids.insert(0, init.pid)
-        exec_ids = {p.pid: p.exec_id for p in container.execs.values() if p.pid}
         processes = []
-        for pid in pids:
+        for pid, exec_id in await container.pids():
             info = tasktypes.ProcessInfo(pid=pid)
-            if pid in exec_ids:
-                info.info.CopyFrom(pack(oci_pb2.ProcessDetails(exec_id=exec_ids[pid])))
+            if exec_id:
+                info.info.CopyFrom(pack(oci_pb2.ProcessDetails(exec_id=exec_id)))
             processes.append(info)
         return api.PidsResponse(processes=processes)
 

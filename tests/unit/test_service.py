@@ -1156,11 +1156,11 @@ def test_concurrent_start_of_the_init_publishes_one_exit(tmp_path: Path) -> None
 def test_process_file_for_runc_exec(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool
 ) -> None:
-    from shimv2.service import _process_file
+    from shimv2.container import exec_process_file
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     spec = json.dumps({"args": ["/bin/true"], "cwd": "/", "terminal": False}).encode()
-    with _process_file(spec, terminal) as path:
+    with exec_process_file(spec, terminal) as path:
         assert os.path.dirname(path) == str(tmp_path)
         assert os.stat(path).st_mode & 0o777 == 0o600
         with open(path) as f:
