@@ -16,16 +16,18 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import trio
 
-from shimv2 import debug, tracing
+from shimv2 import debug, ksm, tracing
 from shimv2.events import Publisher
 from shimv2.flags import Flags
 from shimv2.reaper import Reaper
 from shimv2.service import TASK_SERVICES, TaskService
 from shimv2.shimlog import setup_logging
-from shimv2.ttrpc import Server
+from shimv2.ttrpc import Method, RequestContext, Server
 
 log = logging.getLogger("shimv2")
 
@@ -34,6 +36,8 @@ LISTENER_FD = 3
 LISTEN_BACKLOG = 4096  # as the Go shim (net.Listen: somaxconn); see manager.py
 EVENT_FLUSH_TIMEOUT = 5.0
 SHUTDOWN_REPLY_TIMEOUT = 0.05
+#: Seconds without a new request after which the daemon counts as idle (KSM marks).
+IDLE_AFTER = 2.0
 
 
 def become_subreaper() -> None:
@@ -41,6 +45,48 @@ def become_subreaper() -> None:
 
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+class IdleMarker:
+    """With ``PYSHIM_KSM=1``: marks the daemon's private mappings mergeable
+    (shimv2.ksm) once it went idle, i.e. IDLE_AFTER s after it started serving
+    and again after every burst of requests (new arenas, a grown heap). An idle
+    daemon never wakes up for it: a wake-up would write the very pages KSM
+    merged (reference counts, the run loop's state)."""
+
+    def __init__(self, marker: ksm.Marker) -> None:
+        self.marker = marker
+        self._last = 0.0  # trio time of the latest request
+        self._requested = trio.Event()
+
+    def watch(self, methods: Mapping[str, Method]) -> dict[str, Method]:
+        """``methods`` with each request noted as activity."""
+
+        def noting(handler: Any) -> Any:
+            async def handle(request: Any, ctx: RequestContext) -> Any:
+                self._last = trio.current_time()
+                self._requested.set()
+                return await handler(request, ctx)
+
+            return handle
+
+        return {name: Method(m.request_type, noting(m.handler)) for name, m in methods.items()}
+
+    async def run(self) -> None:
+        self._last = trio.current_time()
+        self._requested.set()  # serving counts as the first burst
+        while True:
+            await self._requested.wait()
+            while (left := self._last + IDLE_AFTER - trio.current_time()) > 0:
+                await trio.sleep(left)
+            self._requested = trio.Event()  # the burst's requests are behind us
+            marked = self.marker.mark()
+            if self.marker.failed is not None:
+                log.warning("%s=1 but no KSM here: %s", ksm.ENV, self.marker.failed)
+                return
+            if marked:
+                running = "" if ksm.node_runs_ksm() else " (ksmd is not running)"
+                log.debug("KSM: marked %d KiB mergeable%s", marked >> 10, running)
 
 
 def _listener(flags: Flags) -> socket.socket:
@@ -91,8 +137,10 @@ async def serve(flags: Flags, listener: socket.socket, socket_path: str) -> None
             nursery=nursery,
             on_shutdown=shutdown.set,
         )
+        idle = IdleMarker(ksm.Marker()) if ksm.enabled(os.environ) else None
         for name in TASK_SERVICES:
-            server.register_service(name, service.methods())
+            methods = service.methods()
+            server.register_service(name, idle.watch(methods) if idle else methods)
         intro = debug.Introspection(service, publisher, reaper, server)
         tracing.set_stats_source(intro.stats)
         tracing.configure(os.environ)  # before serving: Create must find it on
@@ -114,6 +162,8 @@ async def serve(flags: Flags, listener: socket.socket, socket_path: str) -> None
                     shutdown.set()
 
         nursery.start_soon(stop_on_signal)
+        if idle is not None:
+            nursery.start_soon(idle.run)
         log.info("serving %s (pid %d)", socket_path, os.getpid())
         await shutdown.wait()
         # Let the Shutdown response reach containerd before the socket goes away:

@@ -360,6 +360,11 @@ def serve(tag: str, command: Command, preload: Callable[[], None]) -> int:
     _own_labels = _security_labels()
     gc.collect()
     gc.freeze()  # the collector never touches (so never copies) these pages again
+    from shimv2 import ksm
+
+    if ksm.enabled(os.environ):
+        # Our pages (and, inherited, our daemons'): their copies merge with them.
+        ksm.Marker().mark()
     import signal
 
     # SIGTERM (installers stopping an old release) cleans up like an idle exit;

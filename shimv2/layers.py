@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cgroups.paths",),
     ("cgroups.files", "cgroups.inotify"),
     ("bundle",),
-    ("options",),
+    ("options", "ksm"),  # ksm: opt-in page merging of the daemons (PYSHIM_KSM)
     ("protowire", "reaper", "tasks", "tracing", "libc", "flags", "handoff"),
     ("ttrpc",),
     ("ttrpc.client", "ttrpc.server"),
