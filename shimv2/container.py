@@ -1,5 +1,10 @@
 """A container: its bundle, runc handle, init and exec processes, and the
-nursery its background work (copy loops, exit handling) lives in."""
+nursery its background work (copy loops, exit handling) lives in.
+
+The operations that change a container live here, one method each (create,
+start, exec, kill, pause, checkpoint, exit handling, delete...); they raise the
+errors containerd expects. TaskService maps the RPCs onto them.
+"""
 
 from __future__ import annotations
 
@@ -196,16 +201,6 @@ class Container:
                 task_status.started()
                 await trio.sleep_forever()
 
-    def exec_started(self) -> None:
-        if self.running_execs == 0:  # a new idle event only when leaving idle
-            self.execs_idle = trio.Event()
-        self.running_execs += 1
-
-    def exec_finished(self) -> None:
-        self.running_execs -= 1
-        if self.running_execs == 0:
-            self.execs_idle.set()
-
     def background(self) -> GuardedNursery | None:
         """The container's nursery, or None once it was closed."""
         return None if self._cancel.cancel_called else self._nursery
@@ -213,156 +208,30 @@ class Container:
     def process(self, exec_id: str) -> Process | None:
         return self.execs.get(exec_id) if exec_id else self.init
 
-    def mount_rootfs(self, mounts: list[mount.Mount]) -> None:
-        if not mounts:
-            return
+    def reported_status(self, process: Process) -> Status:
+        """What State reports: the execs of a paused (or pausing) container are too."""
+        if not process.is_init and self.init.status in (Status.PAUSED, Status.PAUSING):
+            return self.init.status
+        return process.status
+
+    # -- Create ----------------------------------------------------------------
+
+    async def mount_rootfs(self, mounts: list[mount.Mount]) -> None:
+        try:
+            if mounts:  # ctr --rootfs, CRI with a mounted snapshot: nothing to mount
+                await trio.to_thread.run_sync(self._mount, mounts)
+        except OSError as exc:
+            raise status.unknown(f"failed to mount rootfs component: {exc}") from exc
+
+    def _mount(self, mounts: list[mount.Mount]) -> None:
         os.makedirs(self.rootfs, mode=0o711, exist_ok=True)
         try:
             for m in mounts:
                 mount.mount(m, self.rootfs)
                 self.mounted_rootfs = True
         except OSError:
-            self.unmount_rootfs()
+            self._unmount()
             raise
-
-    def unmount_rootfs(self) -> None:
-        if self.mounted_rootfs:
-            mount.unmount_all(self.rootfs)
-            self.mounted_rootfs = False
-
-    async def mount(self, mounts: list[mount.Mount]) -> None:
-        try:
-            if mounts:  # ctr --rootfs, CRI with a mounted snapshot: nothing to mount
-                await trio.to_thread.run_sync(self.mount_rootfs, mounts)
-        except OSError as exc:
-            raise status.unknown(f"failed to mount rootfs component: {exc}") from exc
-
-    async def unmount(self) -> OSError | None:
-        """Unmount the rootfs of a deleted container; the error, if any, to report."""
-        try:
-            if self.mounted_rootfs:  # else no trip to a worker thread (~0.3 ms)
-                await trio.to_thread.run_sync(self.unmount_rootfs)
-        except OSError as exc:
-            return exc
-        return None
-
-    def close(self) -> None:
-        """Release stdio and stop background work; the container is gone."""
-        self.exit_file.close()
-        if self.cgroup is not None:
-            self.cgroup.close()
-        for process in [self.init, *self.execs.values()]:
-            if process.io is not None:
-                process.io.close()
-        self._cancel.cancel()
-
-    def watch_cgroup(self) -> None:
-        """Find the container's cgroup (for Stats) and arm the OOM watcher right away."""
-        if self.cgroup is not None:
-            self.cgroup.close()  # it keeps its OOM counter file open
-        try:
-            self.cgroup = cgroups.detect(self.init.pid)
-        except (OSError, cgroups.CgroupError) as exc:
-            log.warning("no cgroup for %s: %s", self.id, exc)
-            return
-        self.oom_kills_published = self.cgroup.oom_kills() or 0
-
-        def on_oom() -> None:
-            self.publish_ooms(notified=True)
-
-        self.nursery.start_soon(self.cgroup.watch_oom, on_oom)
-
-    def publish_ooms(self, notified: bool = False) -> None:
-        """/tasks/oom for every OOM kill not yet reported (also called before an exit,
-        so a killed init's OOM event always precedes its /tasks/exit)."""
-        if self.cgroup is None:
-            return
-        count = self.cgroup.oom_kills()
-        if count is None:  # no counter (old kernel): trust the notification
-            new = 1 if notified else 0
-        else:
-            new = count - self.oom_kills_published
-            self.oom_kills_published = max(count, self.oom_kills_published)
-        if new > 0:
-            self.publisher.publish("/tasks/oom", events.TaskOOM(container_id=self.id))
-
-    async def handle_exit(self, process: Process, e: Exit) -> None:
-        if process.is_init:
-            if not self.own_pid_namespace:
-                # Without its own PID namespace nothing kills the init's descendants.
-                try:
-                    await self.runc.kill(self.id, signal.SIGKILL, all=True)
-                except RuncError as exc:
-                    log.warning("kill --all after init exit of %s: %s", self.id, exc)
-            if process.status in (Status.PAUSED, Status.PAUSING):
-                # Killed while frozen: thaw the cgroup so runc can delete it.
-                try:
-                    await self.runc.resume(self.id)
-                except RuncError as exc:
-                    log.warning("resume after exit of paused %s: %s", self.id, exc)
-            # The execs die with the init (and if runc could not kill them, we do:
-            # an exec we have not reaped still owns its pid); their exits come first.
-            for exec_process in self.execs.values():
-                if exec_process.pid and not exec_process.reaped:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(exec_process.pid, signal.SIGKILL)
-            await self.execs_idle.wait()
-        if process.io is not None:
-            process.io.process_exited()  # a pty's output ends once drained
-        if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
-            log.warning(
-                "%s: output not all read (its reader took nothing for %.0fs, or an orphan "
-                "still writes); publishing the exit, delivery goes on until Delete",
-                process.id,
-                IO_FLUSH_TIMEOUT,
-            )
-        if process.is_init:
-            # Persisted before anyone hears of it: `delete` after a dead shim reports it.
-            record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)
-            try:
-                self.exit_file.write(record)
-            except OSError as exc:
-                # A full or read-only bundle filesystem must not cost the exit: State,
-                # Wait and the event still report it (and the journal may hold it).
-                log.error(
-                    "could not persist the exit of %s in %s: %s; kept in memory",
-                    self.id,
-                    bundlefiles.EXIT_FILE,
-                    exc.strerror or exc,
-                )
-        # Nothing awaited from here to the publish: State, Wait and the events agree.
-        self.publish_ooms()
-        process.set_exited(e.status, e.timestamp_ns)
-        self.publisher.publish(
-            "/tasks/exit",
-            events.TaskExit(
-                container_id=self.id,
-                id=process.id,
-                pid=process.pid,
-                exit_status=e.status,
-                exited_at=timestamp(e.timestamp_ns),
-            ),
-        )
-        if not process.is_init:
-            self.exec_finished()
-
-    async def open_io(self, process: Process) -> PipeIO | ConsoleIO:
-        """The process's stdio, attached to it, ready for runc (a logger is running)."""
-        io: PipeIO | ConsoleIO
-        logger = LoggerContext(self.reaper.spawn, process.id, self.namespace)
-        spool = SpoolConfig(
-            self.bundle,
-            self.options.spool_limit,
-            prefix=f"{process.exec_id}." if process.exec_id else "",
-            owner=f"exec {process.exec_id} of {self.id}" if process.exec_id else self.id,
-        )
-        if process.stdio.terminal:
-            io = ConsoleIO(process.stdio, logger, spool)
-        else:
-            io = PipeIO(process.stdio, *self.io_owner, logger=logger, spool=spool)
-        process.attach_io(io)
-        await io.ready()
-        return io
 
     async def create(
         self, nursery: GuardedNursery, checkpoint: str, parent_checkpoint: str
@@ -402,14 +271,14 @@ class Container:
                 self.watch_cgroup()
         except BaseException as exc:
             with trio.CancelScope(shield=True):
-                await self.abort_create(created)
+                await self._abort_create(created)
             if isinstance(exc, RuncError):
                 raise status.unknown(f"OCI runtime create failed: {exc.message}") from exc
             if isinstance(exc, OSError):
                 raise status.error_from_exception(exc) from exc
             raise
 
-    async def abort_create(self, created: bool) -> None:
+    async def _abort_create(self, created: bool) -> None:
         """Undo a failed Create: nothing of the container may be left behind."""
         if created:
             try:
@@ -419,23 +288,58 @@ class Container:
                     log.warning("cleaning up failed create of %s: %s", self.id, exc)
         await close_io(self.init)
         self.close()
+        unmount_error = await self.unmount_rootfs()
+        if unmount_error is not None:
+            log.warning("cleaning up failed create of %s: %s", self.id, unmount_error)
+
+    async def open_io(self, process: Process) -> PipeIO | ConsoleIO:
+        """The process's stdio, attached to it, ready for runc (a logger is running)."""
+        io: PipeIO | ConsoleIO
+        logger = LoggerContext(self.reaper.spawn, process.id, self.namespace)
+        spool = SpoolConfig(
+            self.bundle,
+            self.options.spool_limit,
+            prefix=f"{process.exec_id}." if process.exec_id else "",
+            owner=f"exec {process.exec_id} of {self.id}" if process.exec_id else self.id,
+        )
+        if process.stdio.terminal:
+            io = ConsoleIO(process.stdio, logger, spool)
+        else:
+            io = PipeIO(process.stdio, *self.io_owner, logger=logger, spool=spool)
+        process.attach_io(io)
+        await io.ready()
+        return io
+
+    def watch_cgroup(self) -> None:
+        """Find the container's cgroup (for Stats) and arm the OOM watcher right away."""
+        if self.cgroup is not None:
+            self.cgroup.close()  # it keeps its OOM counter file open
         try:
-            await trio.to_thread.run_sync(self.unmount_rootfs)
-        except OSError as exc:
-            log.warning("cleaning up failed create of %s: %s", self.id, exc)
+            self.cgroup = cgroups.detect(self.init.pid)
+        except (OSError, cgroups.CgroupError) as exc:
+            log.warning("no cgroup for %s: %s", self.id, exc)
+            return
+        self.oom_kills_published = self.cgroup.oom_kills() or 0
+
+        def on_oom() -> None:
+            self.publish_ooms(notified=True)
+
+        self.nursery.start_soon(self.cgroup.watch_oom, on_oom)
+
+    # -- Start -----------------------------------------------------------------
 
     async def start_init(self) -> None:
         """``runc start`` of the init, or ``runc restore`` of one created from a checkpoint."""
         try:
             if self.restore is not None:
-                await self.restore_init()
+                await self._restore()
             else:
                 await self.runc.start(self.id)
         except RuncError as exc:
             what = "restore" if self.restore is not None else "start"
             raise status.unknown(f"OCI runtime {what} failed: {exc.message}") from exc
 
-    async def restore_init(self) -> None:
+    async def _restore(self) -> None:
         """``runc restore`` of a task created from a checkpoint: it runs from here on."""
         init = self.init
         assert self.restore is not None and init.io is not None
@@ -455,11 +359,18 @@ class Container:
         self.watch_cgroup()
         self.restore = None
 
+    # -- execs -----------------------------------------------------------------
+
     def add_exec(self, exec_id: str, stdio: StdioSpec, spec_json: bytes) -> Process:
         process = Process(self.id, exec_id, stdio)
         process.spec_json = spec_json
         self.execs[exec_id] = process
         return process
+
+    def exec_started(self) -> None:
+        if self.running_execs == 0:  # a new idle event only when leaving idle
+            self.execs_idle = trio.Event()
+        self.running_execs += 1
 
     async def start_exec(self, process: Process) -> None:
         """``runc exec`` of a created exec: its stdio open, running with its pid."""
@@ -488,6 +399,13 @@ class Container:
         nursery.start_soon(close_io, process)
         # It never ran: it is stopped, and only Delete is left to do.
         process.set_exited(255, time.time_ns())
+
+    def exec_finished(self) -> None:
+        self.running_execs -= 1
+        if self.running_execs == 0:
+            self.execs_idle.set()
+
+    # -- a running container ---------------------------------------------------
 
     async def kill(self, process: Process, signal_number: int, all_processes: bool) -> None:
         process.check_kill()
@@ -526,7 +444,8 @@ class Container:
             init.status = Status.RUNNING
 
     async def checkpoint(self, path: str, o: Any) -> str:
-        """``runc checkpoint`` with containerd's CheckpointOptions ``o``; the image path."""
+        """``runc checkpoint`` with containerd's CheckpointOptions ``o`` (either type);
+        returns the image path."""
         image_path = path or o.image_path or self.options.criu_image_path
         if not image_path:
             raise status.invalid_argument("checkpoint needs an image path")
@@ -594,6 +513,84 @@ class Container:
         exec_ids = {p.pid: p.exec_id for p in self.execs.values() if p.pid}
         return [(pid, exec_ids.get(pid, "")) for pid in pids]
 
+    # -- exits -----------------------------------------------------------------
+
+    async def handle_exit(self, process: Process, e: Exit) -> None:
+        if process.is_init:
+            if not self.own_pid_namespace:
+                # Without its own PID namespace nothing kills the init's descendants.
+                try:
+                    await self.runc.kill(self.id, signal.SIGKILL, all=True)
+                except RuncError as exc:
+                    log.warning("kill --all after init exit of %s: %s", self.id, exc)
+            if process.status in (Status.PAUSED, Status.PAUSING):
+                # Killed while frozen: thaw the cgroup so runc can delete it.
+                try:
+                    await self.runc.resume(self.id)
+                except RuncError as exc:
+                    log.warning("resume after exit of paused %s: %s", self.id, exc)
+            # The execs die with the init (and if runc could not kill them, we do:
+            # an exec we have not reaped still owns its pid); their exits come first.
+            for exec_process in self.execs.values():
+                if exec_process.pid and not exec_process.reaped:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(exec_process.pid, signal.SIGKILL)
+            await self.execs_idle.wait()
+        if process.io is not None:
+            process.io.process_exited()  # a pty's output ends once drained
+        if process.io is not None and not await process.io.wait_output(IO_FLUSH_TIMEOUT):
+            log.warning(
+                "%s: output not all read (its reader took nothing for %.0fs, or an orphan "
+                "still writes); publishing the exit, delivery goes on until Delete",
+                process.id,
+                IO_FLUSH_TIMEOUT,
+            )
+        if process.is_init:
+            # Persisted before anyone hears of it: `delete` after a dead shim reports it.
+            record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)
+            try:
+                self.exit_file.write(record)
+            except OSError as exc:
+                # A full or read-only bundle filesystem must not cost the exit: State,
+                # Wait and the event still report it (and the journal may hold it).
+                log.error(
+                    "could not persist the exit of %s in %s: %s; kept in memory",
+                    self.id,
+                    bundlefiles.EXIT_FILE,
+                    exc.strerror or exc,
+                )
+        # Nothing awaited from here to the publish: State, Wait and the events agree.
+        self.publish_ooms()
+        process.set_exited(e.status, e.timestamp_ns)
+        self.publisher.publish(
+            "/tasks/exit",
+            events.TaskExit(
+                container_id=self.id,
+                id=process.id,
+                pid=process.pid,
+                exit_status=e.status,
+                exited_at=timestamp(e.timestamp_ns),
+            ),
+        )
+        if not process.is_init:
+            self.exec_finished()
+
+    def publish_ooms(self, notified: bool = False) -> None:
+        """/tasks/oom for every OOM kill not yet reported (also called before an exit,
+        so a killed init's OOM event always precedes its /tasks/exit)."""
+        if self.cgroup is None:
+            return
+        count = self.cgroup.oom_kills()
+        if count is None:  # no counter (old kernel): trust the notification
+            new = 1 if notified else 0
+        else:
+            new = count - self.oom_kills_published
+            self.oom_kills_published = max(count, self.oom_kills_published)
+        if new > 0:
+            self.publisher.publish("/tasks/oom", events.TaskOOM(container_id=self.id))
+
+    # -- Delete ----------------------------------------------------------------
+
     async def wait_output(self, process: Process) -> None:
         """Before a Delete: the process's output reaches its reader while it keeps moving."""
         if process.io is not None:
@@ -620,3 +617,28 @@ class Container:
         self.init.mark_deleted()
         await close_io(self.init, *self.execs.values())
         self.close()
+
+    async def unmount_rootfs(self) -> OSError | None:
+        """Unmount what :meth:`mount_rootfs` mounted; the error, if any, for the caller
+        to report once the container is gone."""
+        try:
+            if self.mounted_rootfs:  # else no trip to a worker thread (~0.3 ms)
+                await trio.to_thread.run_sync(self._unmount)
+        except OSError as exc:
+            return exc
+        return None
+
+    def _unmount(self) -> None:
+        if self.mounted_rootfs:
+            mount.unmount_all(self.rootfs)
+            self.mounted_rootfs = False
+
+    def close(self) -> None:
+        """Release stdio and stop background work; the container is gone."""
+        self.exit_file.close()
+        if self.cgroup is not None:
+            self.cgroup.close()
+        for process in [self.init, *self.execs.values()]:
+            if process.io is not None:
+                process.io.close()
+        self._cancel.cancel()

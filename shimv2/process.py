@@ -2,7 +2,7 @@
 
 created → running ⇄ paused → stopped → deleted (spec: task-api.md §2). The
 transition checks raise the errors containerd expects (plain texts are
-UNKNOWN, as the Go shim sends them); the service does the work in between.
+UNKNOWN, as the Go shim sends them); the container does the work in between.
 """
 
 from __future__ import annotations
@@ -110,6 +110,18 @@ class Process:
         if self.starting or self.status in (Status.RUNNING, Status.PAUSED, Status.PAUSING):
             raise status.unknown(f"cannot delete a {self.state_name} process")
         self.deleting = True
+
+    def check_exec(self) -> None:
+        """Exec, on the init: its container takes a new exec."""
+        if self.state_name in ("deleted", "stopped", "paused", "pausing"):
+            raise status.unknown(f"cannot exec in a {self.state_name} state")
+
+    def check_exec_start(self) -> None:
+        """Start of an exec, on the init: its container still runs."""
+        if self.reaped or self.status == Status.STOPPED or self.deleted:
+            raise status.failed_precondition(
+                f"container {self.container_id} init process is not running"
+            )
 
     def check_kill(self) -> None:
         if self.deleted:

@@ -29,7 +29,7 @@ from shimv2.container import Container, prepare_bundle
 from shimv2.events import Publisher, pack
 from shimv2.exits import ExitMatcher, ExitSubscriber
 from shimv2.mount import Mount
-from shimv2.process import Process, Status, timestamp
+from shimv2.process import Process, timestamp
 from shimv2.reaper import Reaper
 from shimv2.stdio import StdioSpec
 from shimv2.tasks import GuardedNursery
@@ -186,7 +186,8 @@ class TaskService:
         container = Container(
             req.id, req.bundle, self.namespace, opts, init, linux, self._reaper, self._publisher
         )
-        await container.mount([Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs])
+        mounts = [Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
+        await container.mount_rootfs(mounts)
         subscriber = self._exits.subscribe()
         try:
             await container.create(self._nursery, req.checkpoint, req.parent_checkpoint)
@@ -212,22 +213,16 @@ class TaskService:
         subscriber = self._exits.subscribe()
         try:
             await container.start_init()
-        except BaseException:
+            process.set_running(process.pid)
+            self._publisher.publish(
+                "/tasks/start", events.TaskStart(container_id=container.id, pid=process.pid)
+            )
+        finally:  # also after a failed start: its process may have run, and exited
             self._exits.started(container, process, subscriber)
-            raise
-        process.set_running(process.pid)
-        self._publisher.publish(
-            "/tasks/start", events.TaskStart(container_id=container.id, pid=process.pid)
-        )
-        self._exits.started(container, process, subscriber)
         return api.StartResponse(pid=process.pid)
 
     async def _start_exec(self, container: Container, process: Process) -> api.StartResponse:
-        init = container.init
-        if init.reaped or init.status == Status.STOPPED or init.deleted:
-            raise status.failed_precondition(
-                f"container {container.id} init process is not running"
-            )
+        container.init.check_exec_start()
         container.exec_started()
         subscriber = self._exits.subscribe()
         try:
@@ -251,9 +246,7 @@ class TaskService:
         container = self._container(req.id)
         if req.exec_id in container.execs:
             raise status.already_exists(f"id {req.exec_id}")
-        init = container.init
-        if init.state_name in ("deleted", "stopped", "paused", "pausing"):
-            raise status.unknown(f"cannot exec in a {init.state_name} state")
+        container.init.check_exec()
         try:
             spec = json.loads(req.spec.value)
             if not isinstance(spec, dict) or not spec.get("args"):
@@ -304,7 +297,7 @@ class TaskService:
         self._exits.forget(init)
         await container.release()
         self.containers.pop(container.id, None)
-        unmount_error = await container.unmount()
+        unmount_error = await container.unmount_rootfs()
         self._publisher.publish(
             "/tasks/delete",
             events.TaskDelete(
@@ -322,9 +315,7 @@ class TaskService:
 
     async def state(self, req: api.StateRequest, ctx: RequestContext) -> api.StateResponse:
         container, process = self._process(req.id, req.exec_id)
-        state = process.status
-        if not process.is_init and container.init.status in (Status.PAUSED, Status.PAUSING):
-            state = container.init.status
+        state = container.reported_status(process)
         return api.StateResponse(
             id=process.id,
             bundle=container.bundle,

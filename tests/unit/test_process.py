@@ -132,6 +132,29 @@ def test_delete_of_deleted_is_not_found(make: object) -> None:
     raises(p.begin_delete, Code.NOT_FOUND, "cannot delete a deleted process: not found")
 
 
+# -- Exec (checks on the init) --------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["created", "running"])
+def test_exec_allowed(state: str) -> None:
+    in_state(init(), state).check_exec()
+
+
+@pytest.mark.parametrize("state", ["paused", "pausing", "stopped", "deleted"])
+def test_exec_refused(state: str) -> None:
+    raises(in_state(init(), state).check_exec, Code.UNKNOWN, f"cannot exec in a {state} state")
+
+
+def test_exec_start_needs_a_running_init() -> None:
+    in_state(init(), "running").check_exec_start()
+    message = "container c1 init process is not running: failed precondition"
+    for state in ("stopped", "deleted"):
+        raises(in_state(init(), state).check_exec_start, Code.FAILED_PRECONDITION, message)
+    p = in_state(init(), "running")
+    p.reaped = True  # its exit is still being handled
+    raises(p.check_exec_start, Code.FAILED_PRECONDITION, message)
+
+
 # -- Kill -----------------------------------------------------------------------
 
 
