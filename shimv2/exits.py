@@ -10,8 +10,6 @@ event (:meth:`ExitMatcher.started`), so ``/tasks/exit`` never precedes
 
 from __future__ import annotations
 
-import contextlib
-
 from shimv2.container import Container
 from shimv2.process import Process
 from shimv2.reaper import Exit
@@ -40,8 +38,9 @@ class ExitMatcher:
         return subscriber
 
     def unsubscribe(self, subscriber: ExitSubscriber) -> None:
-        with contextlib.suppress(ValueError):
-            self._subscribers.remove(subscriber)
+        # By identity: list.remove would take the first *equal* dict, another start's
+        # subscriber holding the same exits, whose racing exit would then be lost.
+        self._subscribers = [s for s in self._subscribers if s is not subscriber]
 
     def started(self, container: Container, process: Process, subscriber: ExitSubscriber) -> None:
         """After the start event: handle an exit that raced the start, or watch the pid."""

@@ -266,3 +266,21 @@ async def test_an_exit_after_the_container_closed_is_still_handled(
     shim.exits.on_exit(Exit(INIT_PID, 9, 1))
     await settle()
     assert shim.events.exits() == [("c1", INIT_PID, 9)]
+
+
+async def test_unsubscribe_drops_that_subscriber_not_an_equal_one(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Two starts at once hold the same exits (none yet): when one fails and
+    unsubscribes, the other still gets the exit that races it."""
+    shim = Shim(tmp_path, nursery)
+    container = await shim.container()
+    starting, failing = shim.exits.subscribe(), shim.exits.subscribe()
+    assert starting == failing  # equal, not the same
+    shim.exits.unsubscribe(failing)
+    shim.exits.on_exit(Exit(INIT_PID, 4, 1))  # the first one's process, during its start
+    assert failing == {}
+    container.init.set_running(INIT_PID)
+    shim.exits.started(container, container.init, starting)
+    await settle()
+    assert shim.events.exits() == [("c1", INIT_PID, 4)]
