@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Lifecycle latency, memory and scale of pyshim vs the Go reference shim.
 
-A benchmark, not a test: nothing here asserts anything about speed. One
-private containerd (tests/e2e/harness.py) hosts both runtimes,
-``io.containerd.pyshim.v2`` and ``io.containerd.runc.v2``; every latency round
-runs both, interleaved A B B A ..., so drift and background load hit both.
+A benchmark, not a test: nothing here asserts anything about speed. Private
+containerds (shimv2.tools.containerd) host both runtimes,
+``io.containerd.pyshim.v2`` and ``io.containerd.runc.v2`` (the Go shim of
+the same containerd build); every figure is printed beside the Go shim's.
 
-Figures (all wall-clock, measured around whole ``ctr`` invocations, so ctr's
+Figures (latencies are wall-clock around whole ``ctr`` invocations, so ctr's
 own start-up, ~tens of ms, is included for both runtimes alike):
 
 1. cold     ``ctr run --rm /bin/true``
@@ -16,15 +16,24 @@ own start-up, ~tens of ms, is included for both runtimes alike):
 5. exit->event  the container's init is SIGKILLed directly (os.kill, t0) and a
    ``ctr events`` subscriber stamps each line with time.monotonic() on arrival;
    figure = arrival of the /tasks/exit line - t0 (absolute ms)
-6. memory   N idle containers per runtime; RSS/PSS/USS of each shim from
-   /proc/PID/smaps_rollup (USS = Private_Clean + Private_Dirty), median per shim
+6. memory   idle shims, RSS/PSS/USS from /proc/PID/smaps_rollup (USS =
+   Private_Clean + Private_Dirty), median per shim and per container: N single
+   containers (20 and 200), and pods (a pause container and 3 containers
+   grouped in one shim by the ``io.kubernetes.cri.sandbox-id`` annotation, as
+   CRI does); routes: the Go shim, pyshim, and pyshim with ``PYSHIM_KSM=1``
+   (its daemons' private pages merged by ksmd; the bench switches KSM on for
+   that round, measures ksmd's CPU and restores /sys/kernel/mm/ksm after)
 7. burst    M containers started 8 at a time, then torn down 8 at a time
 8. scale    K idle containers, one runtime at a time: failures, time, memory
 
-Pipe/tty throughput lives in bench/throughput.py and is not repeated here.
+Containerd builds: the system's (or ``PYSHIM_E2E_CONTAINERD=DIR``, as the
+tests); ``PYSHIM_BENCH_CONTAINERDS=DIR1:DIR2`` (``system`` names the
+system's) runs everything once per build, one set of tables each. Each DIR
+holds ``containerd``, ``ctr`` and ``containerd-shim-runc-v2``.
 
-    .venv/bin/python bench/suite.py            # default, a few minutes on 2 cores
-    .venv/bin/python bench/suite.py --quick    # ~30 s
+    .venv/bin/python bench/suite.py                  # default (make bench)
+    .venv/bin/python bench/suite.py --quick          # small counts
+    .venv/bin/python bench/suite.py --only memory    # one phase (latency,memory,burst,scale)
     .venv/bin/python bench/suite.py --json out.json
 """
 
@@ -44,7 +53,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +65,18 @@ sys.path.insert(0, str(REPO))
 
 import harness  # noqa: E402  (tests/e2e/harness.py)
 
+from shimv2.tools import containerd as pc  # noqa: E402
+
 RUNTIMES = {"pyshim": harness.RUNTIMES["pyshim"], "go": harness.RUNTIMES["go"]}
 NAMES = ["pyshim", "go"]
 LATENCY_FIGURES = ["cold", "start", "exec", "kill+rm", "exit->event"]
+PHASES = ["latency", "memory", "burst", "scale"]
 POOL = 8
+SETTLE = 3.0  # s after the last start before memory is read (daemons mark KSM pages after 2 s)
+KSM_ENV = "PYSHIM_KSM"
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+MiB = 1024.0
 
 
 # --------------------------------------------------------------------------- events
@@ -122,11 +141,109 @@ class StampedEvents:
         self.thread.join(timeout=5)
 
 
+# --------------------------------------------------------------------------- containerd builds
+
+
+@dataclass
+class Build:
+    """A containerd build: its dir (containerd, ctr, containerd-shim-runc-v2) or the system's."""
+
+    directory: str | None
+
+    @property
+    def path(self) -> str:
+        system = os.environ.get("PYSHIM_E2E_PATH", pc.DEFAULT_SYSTEM_PATH)
+        dirs = [str(pc.venv_bin_dir()), *([self.directory] if self.directory else []), system]
+        return ":".join(dirs)
+
+    @property
+    def label(self) -> str:
+        return self.directory or "system"
+
+    def which(self, tool: str) -> str | None:
+        return pc.which(tool, self.path)
+
+    def version(self) -> str:
+        return first_line(self.which("containerd") or "containerd", "--version")
+
+    def missing(self) -> list[str]:
+        tools = ["containerd", "ctr", "containerd-shim-runc-v2", "runc", "busybox"]
+        gone = [t for t in tools if self.which(t) is None]
+        if self.which(harness.shim_binary_name(RUNTIMES["pyshim"])) is None:
+            gone.append(
+                f"{harness.shim_binary_name(RUNTIMES['pyshim'])} (run with the venv's python)"
+            )
+        return gone
+
+
+def builds_from(args: argparse.Namespace) -> list[Build]:
+    listed = args.containerd or [
+        d for d in os.environ.get("PYSHIM_BENCH_CONTAINERDS", "").split(":") if d
+    ]
+    if not listed:
+        listed = [os.environ.get("PYSHIM_E2E_CONTAINERD") or "system"]
+    return [Build(None if d == "system" else str(Path(d).resolve())) for d in listed]
+
+
+@contextlib.contextmanager
+def private_containerd(build: Build, env: dict[str, str] | None = None) -> Iterator[Bench]:
+    """A private containerd of ``build`` (log level info: the shims' debug logging
+    would be measured too), with its ``ctr events`` subscriber and a warm fork
+    server (the first pyshim ``start`` in a fresh directory launches it)."""
+    c = pc.PrivateContainerd(
+        log_level="info",
+        extra_env=env,
+        path=build.path,
+        dir_prefix="pyshim-bench-",
+        namespace_prefix="bench",
+    )
+    try:
+        c.start()
+        ev = StampedEvents(c)
+        try:
+            yield Bench(c, ROOTFS[0], ev)
+        finally:
+            ev.stop()
+    finally:
+        c.stop()
+
+
+ROOTFS: list[Path] = []  # set in main
+
+
+def warm_up(b: Bench) -> int | None:
+    """Run one pyshim container so that its fork server exists; the server's pid."""
+    cid = b.c.new_id("warm")
+    ok, _, _ = b.ctr_ok(
+        "run", "--rm", "--runtime", RUNTIMES["pyshim"], "--rootfs", b.rootfs, cid, "/bin/true"
+    )
+    if not ok:
+        b.force_cleanup(cid)
+    fs_dir = Path(b.c.env["PYSHIM_FORKSERVER_DIR"])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        for pid_file in fs_dir.glob("forkserver-*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                if (fs_dir / pid_file.name.replace(".pid", ".sock")).exists():
+                    return pid
+        time.sleep(0.1)
+    return None
+
+
+def first_line(*cmd: str) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return "?"
+    return out.splitlines()[0] if out else "?"
+
+
 # --------------------------------------------------------------------------- helpers
 
 
 class Bench:
-    def __init__(self, c: harness.Containerd, rootfs: Path, ev: StampedEvents) -> None:
+    def __init__(self, c: pc.PrivateContainerd, rootfs: Path, ev: StampedEvents) -> None:
         self.c = c
         self.rootfs = str(rootfs)
         self.ev = ev
@@ -139,9 +256,12 @@ class Bench:
             return False, time.monotonic() - t0, str(e)
         return r.returncode == 0, time.monotonic() - t0, r.stderr.strip()
 
-    def run_detached(self, name: str, cid: str) -> tuple[bool, float, str]:
+    def run_detached(
+        self, name: str, cid: str, annotations: dict[str, str] | None = None
+    ) -> tuple[bool, float, str]:
+        extra = [a for k, v in (annotations or {}).items() for a in ("--annotation", f"{k}={v}")]
         return self.ctr_ok(
-            "run", "--runtime", RUNTIMES[name], "-d", "--rootfs", self.rootfs,
+            "run", "--runtime", RUNTIMES[name], "-d", *extra, "--rootfs", self.rootfs,
             cid, "/bin/sleep", "1000000",
         )  # fmt: skip
 
@@ -176,7 +296,7 @@ class Bench:
 
 
 def smaps_rollup(pid: int) -> dict[str, int] | None:
-    """RSS/PSS/USS in KiB."""
+    """RSS/PSS/USS and KSM-merged memory in KiB."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
@@ -191,28 +311,47 @@ def smaps_rollup(pid: int) -> dict[str, int] | None:
         "rss": kv.get("Rss", 0),
         "pss": kv.get("Pss", 0),
         "uss": kv.get("Private_Clean", 0) + kv.get("Private_Dirty", 0),
+        "ksm": kv.get("KSM", 0),
     }
 
 
-def shim_memory(c: harness.Containerd, cids: list[str]) -> dict[str, Any]:
-    """Per container: sum over its shim processes (normally one). Medians in KiB."""
-    per: list[dict[str, int]] = []
-    nprocs = []
-    for cid in cids:
-        procs = c.shim_processes(cid)
-        nprocs.append(len(procs))
-        tot = {"rss": 0, "pss": 0, "uss": 0}
-        for p in procs:
-            m = smaps_rollup(p.pid)
+def shim_usage(c: pc.PrivateContainerd, groups: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Per shim (named by the id it was started with: a single container, or a
+    pod's sandbox): its memory (summed over its processes, normally one) and how
+    many containers it serves."""
+    by_id: dict[str, list[int]] = {}
+    for p in c.shim_processes():
+        cmd = p.info.get("cmdline") or []
+        for i, arg in enumerate(cmd[:-1]):
+            if arg == "-id":
+                by_id.setdefault(cmd[i + 1], []).append(p.pid)
+    out = []
+    for gid, members in groups.items():
+        pids = by_id.get(gid, [])
+        if not pids:
+            continue
+        tot = {"rss": 0, "pss": 0, "uss": 0, "ksm": 0, "procs": len(pids)}
+        for pid in pids:
+            m = smaps_rollup(pid)
             if m:
-                for k in tot:
+                for k in m:
                     tot[k] += m[k]
-        if procs:
-            per.append(tot)
-    out: dict[str, Any] = {"shims": len(per), "procs_per_shim": median(nprocs)}
-    for k in ("rss", "pss", "uss"):
+        tot["containers"] = len(members)
+        out.append(tot)
+    return out
+
+
+def summarize(per: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians per shim and per container, totals; KiB."""
+    out: dict[str, Any] = {
+        "shims": len(per),
+        "containers": sum(m["containers"] for m in per),
+        "procs_per_shim": median([m["procs"] for m in per]),
+    }
+    for k in ("rss", "pss", "uss", "ksm"):
         out[k + "_kib"] = median([m[k] for m in per])
         out[k + "_total_kib"] = sum(m[k] for m in per)
+        out[k + "_per_ctr_kib"] = median([m[k] / m["containers"] for m in per])
     return out
 
 
@@ -222,6 +361,114 @@ def median(xs: list[float]) -> float:
 
 def order(rnd: int) -> list[str]:
     return NAMES if rnd % 2 == 0 else NAMES[::-1]
+
+
+# --------------------------------------------------------------------------- KSM
+
+
+class Ksm:
+    """Switches the node's KSM on for a round and always puts back what was there
+    (run, pages_to_scan, sleep_millisecs), also when the bench fails."""
+
+    DIR = Path("/sys/kernel/mm/ksm")
+    SAVED = ("run", "pages_to_scan", "sleep_millisecs")
+
+    def __init__(self, pages_to_scan: int, sleep_ms: int) -> None:
+        self.pages_to_scan = pages_to_scan
+        self.sleep_ms = sleep_ms
+        self.saved: dict[str, str] = {}
+        self.ksmd = self._ksmd_pid()
+
+    @classmethod
+    def unavailable(cls) -> str:
+        """Why the KSM route cannot run here ("" if it can)."""
+        if not (cls.DIR / "run").exists():
+            return "no /sys/kernel/mm/ksm (a kernel without CONFIG_KSM)"
+        if not os.access(cls.DIR / "run", os.W_OK):
+            return "/sys/kernel/mm/ksm/run is not writable (root, and a writable /sys)"
+        return ""
+
+    def read(self, name: str) -> int:
+        try:
+            return int((self.DIR / name).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return -1
+
+    def __enter__(self) -> Ksm:
+        self.saved = {n: (self.DIR / n).read_text().strip() for n in self.SAVED}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def on(self, pages_to_scan: int | None = None) -> None:
+        (self.DIR / "pages_to_scan").write_text(str(pages_to_scan or self.pages_to_scan))
+        (self.DIR / "sleep_millisecs").write_text(str(self.sleep_ms))
+        (self.DIR / "run").write_text("1")
+
+    def pause(self) -> None:
+        """Stop ksmd (merged pages stay merged until written); ``restore`` follows."""
+        (self.DIR / "run").write_text("0")
+
+    def restore(self) -> None:
+        if not self.saved:
+            return
+        # run first: 0 stops ksmd (merged pages stay merged until written)
+        for name in ("run", "pages_to_scan", "sleep_millisecs"):
+            with contextlib.suppress(OSError):
+                (self.DIR / name).write_text(self.saved[name])
+        self.saved = {}
+
+    @staticmethod
+    def _ksmd_pid() -> int | None:
+        out = subprocess.run(["pgrep", "-x", "ksmd"], capture_output=True, text=True).stdout
+        return int(out.split()[0]) if out.split() else None
+
+    def cpu(self) -> float:
+        """ksmd's utime + stime, seconds."""
+        if self.ksmd is None:
+            return float("nan")
+        try:
+            fields = Path(f"/proc/{self.ksmd}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def converge(self, timeout: float) -> dict[str, Any]:
+        """Wait until ksmd merged what it will: at least 3 full scans after now, and
+        pages_sharing moved by < 0.5 % over the last one. ksmd's CPU meanwhile."""
+        t0, cpu0 = time.monotonic(), self.cpu()
+        scans0, scanned0 = self.read("full_scans"), self.read("pages_scanned")
+        last_scan, last_sharing, converged = scans0, -1, False
+        while time.monotonic() - t0 < timeout:
+            time.sleep(0.2)
+            scans = self.read("full_scans")
+            if scans == last_scan:
+                continue
+            sharing = self.read("pages_sharing")
+            if scans - scans0 >= 3 and abs(sharing - last_sharing) <= max(16, sharing // 200):
+                converged = True
+                break
+            last_scan, last_sharing = scans, sharing
+        seconds = time.monotonic() - t0
+        scans = self.read("full_scans") - scans0
+        return {
+            "converged": converged,
+            "seconds": seconds,
+            "cpu_s": self.cpu() - cpu0,
+            "full_scans": scans,
+            "pages_per_scan": (self.read("pages_scanned") - scanned0) / scans
+            if scans > 0
+            else None,
+            "pages_shared": self.read("pages_shared"),
+            "pages_sharing": self.read("pages_sharing"),
+        }
+
+    def rate(self, seconds: float) -> float:
+        """ksmd's CPU, in % of one core, over ``seconds`` from now."""
+        c0, t0 = self.cpu(), time.monotonic()
+        time.sleep(seconds)
+        return 100 * (self.cpu() - c0) / (time.monotonic() - t0)
 
 
 # --------------------------------------------------------------------------- phases
@@ -323,23 +570,148 @@ def teardown_many(b: Bench, cids: list[str], pool: int) -> tuple[float, int, lis
     return time.monotonic() - t0, len(errs), errs[:5]
 
 
-def idle_memory(b: Bench, count: int, res: dict[str, Any]) -> None:
-    started = start_many(b, NAMES, count, 1)
-    out: dict[str, Any] = {"count": count}
-    time.sleep(2)  # let shims settle
-    for n in NAMES:
-        cids = [cid for (name, cid), (ok, _, _) in started["results"] if name == n and ok]
-        fails = sum(1 for (name, _), (ok, _, _) in started["results"] if name == n and not ok)
-        out[n] = {"failures": fails, **shim_memory(b.c, cids)}
-        m = out[n]
-        print(
-            f"  {n:<6} {m['shims']} shims: RSS {m['rss_kib'] / 1024:.1f} MiB, "
-            f"PSS {m['pss_kib'] / 1024:.1f} MiB, USS {m['uss_kib'] / 1024:.1f} MiB (median)",
-            flush=True,
-        )
-    all_cids = [cid for (_, cid), _ in started["results"]]
-    teardown_many(b, all_cids, POOL)
-    res["memory"] = out
+# --------------------------------------------------------------------------- memory
+
+
+def start_singles(b: Bench, names: list[str], count: int) -> dict[str, list[str]]:
+    """``count`` single containers per runtime (interleaved), POOL at a time;
+    {runtime: started ids}."""
+    st = start_many(b, names, count, POOL)
+    out: dict[str, list[str]] = {n: [] for n in names}
+    fails = [e for (_, _), (ok, _, e) in st["results"] if not ok]
+    for (name, cid), (ok, _, _) in st["results"]:
+        out[name].append(cid) if ok else b.force_cleanup(cid)
+    if fails:
+        print(f"  {len(fails)} failed starts: {fails[:3]}", flush=True)
+    return out
+
+
+def start_pods(b: Bench, name: str, pods: int, per_pod: int) -> dict[str, list[str]]:
+    """Pods as CRI makes them, with ctr: a sandbox (pause) container and ``per_pod``
+    containers annotated with its id, so one shim serves them all (both shims
+    group by ``io.kubernetes.cri.sandbox-id``). {sandbox id: its container ids}."""
+
+    def one_pod(index: int) -> tuple[str, list[str]]:
+        sandbox = b.c.new_id(f"pod-{name}")
+        ok, _, err = b.run_detached(name, sandbox, {SANDBOX_ID: sandbox, CONTAINER_TYPE: "sandbox"})
+        if not ok:
+            print(f"  {name} sandbox failed: {err}", flush=True)
+            b.force_cleanup(sandbox)
+            return sandbox, []
+        members = [sandbox]
+        for i in range(per_pod):
+            cid = b.c.new_id(f"pod{i}-{name}")
+            ok, _, err = b.run_detached(
+                name, cid, {SANDBOX_ID: sandbox, CONTAINER_TYPE: "container"}
+            )
+            if ok:
+                members.append(cid)
+            else:
+                print(f"  {name} container of pod {sandbox} failed: {err}", flush=True)
+                b.force_cleanup(cid)
+        return sandbox, members
+
+    with ThreadPoolExecutor(POOL) as ex:
+        return {sandbox: members for sandbox, members in ex.map(one_pod, range(pods)) if members}
+
+
+def teardown_groups(b: Bench, groups: dict[str, list[str]]) -> None:
+    """Containers before their sandbox: a pod's shim exits with its last task."""
+    members = [cid for ids in groups.values() for cid in ids[1:]]
+    teardown_many(b, members, POOL)
+    teardown_many(b, list(groups), POOL)
+
+
+def server_memory(b: Bench, server: int | None) -> dict[str, int] | None:
+    return smaps_rollup(server) if server else None
+
+
+def memory_row(
+    b: Bench, layout: str, route: str, groups: dict[str, list[str]], server: int | None
+) -> dict[str, Any]:
+    row = {"layout": layout, "route": route, **summarize(shim_usage(b.c, groups))}
+    row["server"] = server_memory(b, server) if route.startswith("pyshim") else None
+    m = row
+    print(
+        f"  {layout:<16} {route:<11} {m['shims']:>4} shims {m['containers']:>4} containers: "
+        f"PSS {m['pss_kib'] / MiB:.2f} USS {m['uss_kib'] / MiB:.2f} MiB/shim, "
+        f"PSS {m['pss_per_ctr_kib'] / MiB:.2f} USS {m['uss_per_ctr_kib'] / MiB:.2f} MiB/container",
+        flush=True,
+    )
+    return row
+
+
+def memory(
+    build: Build, counts: list[int], pods: int, per_pod: int, ksm: Ksm | None, res: dict[str, Any]
+) -> None:
+    """Idle memory per container: the Go shim and pyshim side by side in one
+    containerd, then pyshim with PYSHIM_KSM=1 in another (its own fork server)
+    while ksmd runs."""
+    rows: list[dict[str, Any]] = []
+    ksm_rounds: list[dict[str, Any]] = []
+    layouts: list[tuple[str, int, int]] = [(f"{n} single", n, 0) for n in counts]
+    if pods:
+        layouts.append((f"{pods} pods (1+{per_pod})", pods, per_pod))
+    with private_containerd(build) as b:
+        server = warm_up(b)
+        for layout, n, per in layouts:
+            if per:
+                by_name = {name: start_pods(b, name, n, per) for name in NAMES}
+            else:
+                ids = start_singles(b, NAMES, n)
+                by_name = {name: {cid: [cid] for cid in ids[name]} for name in NAMES}
+            time.sleep(SETTLE)
+            for name in ("go", "pyshim"):
+                rows.append(memory_row(b, layout, name, by_name[name], server))
+            for name in NAMES:
+                teardown_groups(b, by_name[name])
+    if ksm is not None:
+        with private_containerd(build, {KSM_ENV: "1"}) as b, ksm:
+            server = warm_up(b)
+            largest = max(n for _, n, per in layouts if not per) if counts else 0
+            for layout, n, per in layouts:
+                if per:
+                    groups = start_pods(b, "pyshim", n, per)
+                else:
+                    groups = {cid: [cid] for cid in start_singles(b, ["pyshim"], n)["pyshim"]}
+                time.sleep(SETTLE)  # the daemons marked their pages (2 s idle)
+                ksm.on()
+                k = ksm.converge(timeout=KSM_TIMEOUT[0])
+                k["layout"] = layout
+                k["steady_pct"] = ksm.rate(5.0)
+                if n == largest and not per:  # the kernel's default pace, for an operator
+                    ksm.on(pages_to_scan=100)
+                    k["default_pace_pct"] = ksm.rate(10.0)
+                    ksm.on()
+                rows.append(memory_row(b, layout, "pyshim+KSM", groups, server))
+                rows[-1]["ksm_round"] = k
+                ksm_rounds.append(k)
+                print(
+                    f"    ksmd: {'merged' if k['converged'] else 'NOT converged'} in "
+                    f"{k['seconds']:.0f} s ({k['full_scans']} full scans), CPU {k['cpu_s']:.1f} s, "
+                    f"then {k['steady_pct']:.1f} % of a core",
+                    flush=True,
+                )
+                ksm.pause()  # the next round starts unmerged
+                teardown_groups(b, groups)
+    res["memory"] = {
+        "counts": counts,
+        "pods": pods,
+        "per_pod": per_pod,
+        "rows": rows,
+        "ksm": None
+        if ksm is None
+        else {
+            "pages_to_scan": ksm.pages_to_scan,
+            "sleep_millisecs": ksm.sleep_ms,
+            "rounds": ksm_rounds,
+        },
+        "ksm_skipped": KSM_SKIPPED[0],
+    }
+
+
+KSM_TIMEOUT = [300.0]
+KSM_SKIPPED = [""]
 
 
 def burst(b: Bench, count: int, res: dict[str, Any]) -> None:
@@ -372,7 +744,7 @@ def scale(b: Bench, count: int, res: dict[str, Any]) -> None:
         ok_cids = [cid for (_, cid), (ok, _, _) in st["results"] if ok]
         fails = len(st["results"]) - len(ok_cids)
         time.sleep(2)
-        mem = shim_memory(b.c, ok_cids)
+        mem = summarize(shim_usage(b.c, {cid: [cid] for cid in ok_cids}))
         cids = [cid for (_, cid), _ in st["results"]]
         td, td_fail, errs = teardown_many(b, cids, POOL)
         out[n] = {
@@ -400,6 +772,68 @@ def fmt_ratio(p: float, g: float) -> str:
     return f"{p / g:.2f}x" if g and g == g and p == p else "-"
 
 
+def report_memory(m: dict[str, Any]) -> list[str]:
+    lines = [
+        "Idle memory, MiB: median per shim, and per container (a pod's shim serves its "
+        "pause container and the others)",
+        f"{'layout':<18} {'route':<11} {'shims':>5} {'ctrs':>5} {'RSS':>6} {'PSS':>6} "
+        f"{'USS':>6} {'KSM':>6} {'PSS/ctr':>8} {'USS/ctr':>8} {'vs go PSS':>10} "
+        f"{'vs go USS':>10} {'PSS/ctr+srv':>12}",
+    ]
+    go_rows = {r["layout"]: r for r in m["rows"] if r["route"] == "go"}
+    servers: dict[str, dict[str, int]] = {}
+    for r in m["rows"]:
+        g = go_rows.get(r["layout"])
+        srv = r.get("server")
+        if srv:
+            servers.setdefault(r["route"], srv)
+        with_server = (
+            (r["pss_total_kib"] + srv["pss"]) / r["containers"] if srv and r["containers"] else None
+        )
+        lines.append(
+            f"{r['layout']:<18} {r['route']:<11} {r['shims']:>5} {r['containers']:>5} "
+            f"{r['rss_kib'] / MiB:>6.1f} {r['pss_kib'] / MiB:>6.2f} {r['uss_kib'] / MiB:>6.2f} "
+            f"{r['ksm_kib'] / MiB:>6.2f} {r['pss_per_ctr_kib'] / MiB:>8.2f} "
+            f"{r['uss_per_ctr_kib'] / MiB:>8.2f} "
+            f"{fmt_ratio(r['pss_per_ctr_kib'], g['pss_per_ctr_kib']) if g else '-':>10} "
+            f"{fmt_ratio(r['uss_per_ctr_kib'], g['uss_per_ctr_kib']) if g else '-':>10} "
+            f"{'' if with_server is None else f'{with_server / MiB:.2f}':>12}"
+        )
+    if servers:
+        shown = "; ".join(
+            f"{route} PSS {srv['pss'] / MiB:.1f} MiB, USS {srv['uss'] / MiB:.1f} MiB"
+            for route, srv in servers.items()
+        )
+        lines.append(
+            f"fork server (one per node, its pages shared with the daemons): {shown}; "
+            "PSS/ctr+srv adds its PSS, spread over the containers"
+        )
+    k = m.get("ksm")
+    if k:
+        lines.append(
+            f"ksmd, pages_to_scan {k['pages_to_scan']}, sleep_millisecs {k['sleep_millisecs']} "
+            "(only the pyshim+KSM rows; restored afterwards):"
+        )
+        for r in k["rounds"]:
+            pace = (
+                f", at the kernel's default pace (100 pages) {r['default_pace_pct']:.2f} %"
+                if "default_pace_pct" in r
+                else ""
+            )
+            per_scan = r.get("pages_per_scan")
+            lines.append(
+                f"  {r['layout']:<18} {'merged' if r['converged'] else 'NOT converged'} after "
+                f"{r['seconds']:.0f} s ({r['full_scans']} full scans"
+                f"{'' if per_scan is None else f' of {per_scan:.0f} pages'}): "
+                f"CPU {r['cpu_s']:.1f} s; "
+                f"then {r['steady_pct']:.1f} % of a core{pace}; pages_sharing "
+                f"{r['pages_sharing']}, pages_shared {r['pages_shared']}"
+            )
+    elif m.get("ksm_skipped"):
+        lines.append(f"pyshim+KSM not measured: {m['ksm_skipped']}")
+    return lines
+
+
 def report(res: dict[str, Any]) -> str:
     lines = [res["versions"], ""]
     if "latency" in res:
@@ -418,20 +852,7 @@ def report(res: dict[str, Any]) -> str:
             lines.append(f"latency errors: {len(lat['errors'])}: {lat['errors'][:3]}")
         lines.append("")
     if "memory" in res:
-        m = res["memory"]
-        lines.append(f"Memory per shim, {m['count']} idle containers per runtime, MiB (median)")
-        lines.append(f"{'runtime':<8} {'shims':>5} {'RSS':>7} {'PSS':>7} {'USS':>7}")
-        for n in NAMES:
-            x = m[n]
-            lines.append(
-                f"{n:<8} {x['shims']:>5} {x['rss_kib'] / 1024:>7.1f} "
-                f"{x['pss_kib'] / 1024:>7.1f} {x['uss_kib'] / 1024:>7.1f}"
-            )
-        p, g = m["pyshim"], m["go"]
-        lines.append(
-            f"{'pyshim/go':<8} {'':>5} {fmt_ratio(p['rss_kib'], g['rss_kib']):>7} "
-            f"{fmt_ratio(p['pss_kib'], g['pss_kib']):>7} {fmt_ratio(p['uss_kib'], g['uss_kib']):>7}"
-        )
+        lines += report_memory(res["memory"])
         lines.append("")
     if "burst" in res:
         bu = res["burst"]
@@ -462,85 +883,136 @@ def report(res: dict[str, Any]) -> str:
                 f"{x['rss_kib'] / 1024:>9.1f} {x['pss_kib'] / 1024:>9.1f} "
                 f"{x['uss_kib'] / 1024:>9.1f} {x['pss_total_kib'] / 1024:>10.0f}"
             )
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip()
 
 
-def versions() -> str:
-    def first_line(*cmd: str) -> str:
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-        except OSError:
-            return "?"
-        return out.splitlines()[0] if out else "?"
-
+def versions(build: Build) -> str:
     return (
         f"date {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}, "
         f"nproc {os.cpu_count()}, {platform.system()} {platform.release()}, "
-        f"python {platform.python_version()}, load {os.getloadavg()[0]:.2f}\n"
-        f"{first_line(harness.which('containerd') or 'containerd', '--version')}\n"
-        f"{first_line(harness.which('runc') or 'runc', '--version')}"
+        f"load {os.getloadavg()[0]:.2f}\n"
+        f"{build.version()} ({build.label}; the Go shim: its containerd-shim-runc-v2)\n"
+        f"{first_line(build.which('runc') or 'runc', '--version')}\n"
+        f"pyshim on python {platform.python_version()} ({sys.executable})"
     )
+
+
+def parse_counts(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip() and int(x) > 0]
+
+
+def run_build(build: Build, args: argparse.Namespace, res: dict[str, Any]) -> None:
+    p = res["params"]
+    ksm = None
+    if "memory" in p["phases"] and p["memory"] and args.ksm != "off":
+        why = Ksm.unavailable()
+        if why:
+            KSM_SKIPPED[0] = why
+        else:
+            ksm = Ksm(args.ksm_pages_to_scan, args.ksm_sleep_ms)
+    if "latency" in p["phases"] and p["rounds"]:
+        print(f"latency, {p['rounds']} rounds (+1 warm-up)", flush=True)
+        with private_containerd(build) as b:
+            latency_rounds(b, p["rounds"], res)
+    if "memory" in p["phases"] and p["memory"]:
+        print(f"memory, {p['memory']} idle containers, {p['pods']} pods", flush=True)
+        memory(build, p["memory"], p["pods"], p["per_pod"], ksm, res)
+    if ("burst" in p["phases"] and p["burst"]) or ("scale" in p["phases"] and p["scale"]):
+        with private_containerd(build) as b:
+            warm_up(b)
+            if "burst" in p["phases"] and p["burst"]:
+                print(f"burst, {p['burst']} containers, {POOL} at a time", flush=True)
+                burst(b, p["burst"], res)
+            if "scale" in p["phases"] and p["scale"]:
+                print(f"scale, {p['scale']} idle containers per runtime", flush=True)
+                scale(b, p["scale"], res)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small counts (~30 s)")
+    ap.add_argument("--quick", action="store_true", help="small counts (~1 min)")
+    ap.add_argument("--only", help=f"comma-separated phases of {','.join(PHASES)}")
     ap.add_argument("--rounds", type=int, help="latency rounds (default 15, quick 5)")
-    ap.add_argument("--idle", type=int, help="idle containers per runtime for memory (20/5)")
+    ap.add_argument(
+        "--idle", help="idle single containers per memory round, e.g. 20,200 (quick 5,20)"
+    )
+    ap.add_argument("--pods", type=int, help="pods per runtime in the memory phase (10, quick 3)")
+    ap.add_argument("--per-pod", type=int, default=3, help="containers per pod besides its pause")
     ap.add_argument("--burst", type=int, help="containers in the burst test (50/10)")
     ap.add_argument("--scale", type=int, help="idle containers per runtime, scale test (200/20)")
+    ap.add_argument(
+        "--ksm",
+        choices=["auto", "off"],
+        default="auto",
+        help="the pyshim+KSM memory route (auto: where the kernel has KSM)",
+    )
+    ap.add_argument(
+        "--ksm-pages-to-scan",
+        type=int,
+        default=1000,
+        help="ksmd's pages per wake-up during the KSM rounds (kernel default 100)",
+    )
+    ap.add_argument("--ksm-sleep-ms", type=int, default=20, help="ksmd's sleep (kernel default 20)")
+    ap.add_argument("--ksm-timeout", type=float, default=300, help="seconds to wait for merging")
+    ap.add_argument(
+        "--containerd",
+        action="append",
+        metavar="DIR",
+        help="a containerd build (containerd, ctr, containerd-shim-runc-v2); repeat for "
+        "several; 'system' = the system's. Default: $PYSHIM_BENCH_CONTAINERDS (DIR:DIR), "
+        "else $PYSHIM_E2E_CONTAINERD, else system",
+    )
     ap.add_argument("--json", metavar="FILE", help="write machine-readable results")
     args = ap.parse_args()
     q = args.quick
-    rounds = args.rounds if args.rounds is not None else (5 if q else 15)
-    idle = args.idle if args.idle is not None else (5 if q else 20)
-    nburst = args.burst if args.burst is not None else (10 if q else 50)
-    nscale = args.scale if args.scale is not None else (20 if q else 200)
-
-    harness.require_tools()
-    for n in NAMES:
-        if harness.shim_installed(RUNTIMES[n]) is None:
-            print(
-                f"{harness.shim_binary_name(RUNTIMES[n])} not on containerd's PATH "
-                f"({harness.containerd_path()}); run with the venv's python",
-                file=sys.stderr,
-            )
+    phases = [x for x in (args.only or ",".join(PHASES)).split(",") if x]
+    if unknown := set(phases) - set(PHASES):
+        ap.error(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
+    params = {
+        "phases": phases,
+        "rounds": args.rounds if args.rounds is not None else (5 if q else 15),
+        "memory": parse_counts(args.idle)
+        if args.idle is not None
+        else ([5, 20] if q else [20, 200]),
+        "pods": args.pods if args.pods is not None else (3 if q else 10),
+        "per_pod": args.per_pod,
+        "burst": args.burst if args.burst is not None else (10 if q else 50),
+        "scale": args.scale if args.scale is not None else (20 if q else 200),
+    }
+    KSM_TIMEOUT[0] = args.ksm_timeout
+    builds = builds_from(args)
+    for build in builds:
+        if missing := build.missing():
+            print(f"containerd build {build.label}: missing {', '.join(missing)}", file=sys.stderr)
             return 2
-    res: dict[str, Any] = {"versions": versions()}
-    res["params"] = {"rounds": rounds, "idle": idle, "burst": nburst, "scale": nscale}
-    print(res["versions"], flush=True)
+    if os.geteuid() != 0:
+        print("run as root (private containerds, runc, /proc of other processes)", file=sys.stderr)
+        return 2
+    # SIGTERM runs the clean-up too (containers, containerd, the node's KSM settings)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="pyshim-suite-"))
     t_all = time.monotonic()
+    results: list[dict[str, Any]] = []
     try:
-        rootfs = harness.busybox_rootfs(work / "rootfs")
-        # info, not debug: the shims' debug logging would be measured too
-        with harness.private_containerd(log_level="info") as c:
-            ev = StampedEvents(c)
-            try:
-                b = Bench(c, rootfs, ev)
-                if rounds:
-                    print(f"latency, {rounds} rounds (+1 warm-up)", flush=True)
-                    latency_rounds(b, rounds, res)
-                if idle:
-                    print(f"memory, {idle} idle containers per runtime", flush=True)
-                    idle_memory(b, idle, res)
-                if nburst:
-                    print(f"burst, {nburst} containers, {POOL} at a time", flush=True)
-                    burst(b, nburst, res)
-                if nscale:
-                    print(f"scale, {nscale} idle containers per runtime", flush=True)
-                    scale(b, nscale, res)
-            finally:
-                ev.stop()
+        ROOTFS[:] = [harness.busybox_rootfs(work / "rootfs")]
+        for build in builds:
+            res: dict[str, Any] = {"versions": versions(build), "params": params}
+            res["build"] = build.label
+            print(res["versions"], flush=True)
+            t0 = time.monotonic()
+            run_build(build, args, res)
+            res["wall_s"] = time.monotonic() - t0
+            results.append(res)
     finally:
         harness.unmount_all_under(work)
         shutil.rmtree(work, ignore_errors=True)
-    res["wall_s"] = time.monotonic() - t_all
-    print()
-    print(report(res))
-    print(f"\nwall time {res['wall_s']:.0f}s; pipe/tty throughput: bench/throughput.py")
+    for res in results:
+        print()
+        print(report(res))
+    print(f"\nwall time {time.monotonic() - t_all:.0f}s; pipe/tty throughput: bench/throughput.py")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
+        out: Any = results[0] if len(results) == 1 else results
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0
 
 
