@@ -5,8 +5,8 @@ A daemon is a fork of the fork server. Its USS is the pages only it maps
 (``/proc/kpagecount`` = 1). For each of them this reads the daemon's copy, the
 server's page at the same address and a sibling daemon's (``/proc/PID/mem``)
 and counts, per kind of mapping (malloc's [heap], anonymous mappings, i.e.
-pymalloc's arenas and malloc's mmaps, libpython's data and bss, other
-libraries):
+pymalloc's arenas and malloc's mmaps, CPython's data and bss: libpython's, or
+the executable's where python is linked statically; other libraries' data):
 
 - ``same as server``: written and then restored (a reference count that came
   back), byte-identical to the server's page again;
@@ -18,8 +18,8 @@ Pages that differ from the server are then explained word by word: an 8-byte
 word that moved by a small amount, followed by a pointer to a type object, is
 an object's reference count (named by its type's ``tp_name``); other words
 are attributed to the object whose header precedes them (bytecode
-specialization, dict and list contents, new objects). In libpython's data the
-words are named by the symbol that holds them (``nm``).
+specialization, dict and list contents, new objects). In CPython's data the
+words are named by the symbol that holds them (``nm``, where not stripped).
 
     .venv/bin/python bench/pages.py --start 5         # a private containerd, 5 idle shims
     .venv/bin/python bench/pages.py --pid PID         # a running daemon (root)
@@ -45,6 +45,7 @@ from pathlib import Path
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PFN_MASK = (1 << 55) - 1
 PRESENT = 1 << 63
+INTERPRETER = "CPython data and bss"  # libpython, or the python executable when static
 SMALL_DELTA = 1 << 16  # reference counts move by less than this
 TP_FLAGS = 168  # offsetof(PyTypeObject, tp_flags) on 64-bit CPython 3.11-3.13
 READY = 1 << 12  # Py_TPFLAGS_READY
@@ -59,6 +60,9 @@ class Proc:
         self.maps = parse_maps(Path(f"/proc/{pid}/maps").read_text())
         self.mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
         self.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+        # where CPython's data lives: libpython, or the executable when linked statically
+        exe = os.readlink(f"/proc/{pid}/exe")
+        self.interpreter = next((m[4] for m in self.maps if "libpython" in m[4]), exe)
 
     def close(self) -> None:
         os.close(self.mem)
@@ -120,14 +124,14 @@ def kind(proc: Proc, m: tuple[int, int, str, int, str]) -> str:
         return "malloc heap"
     if path.startswith("["):
         return path
-    if "libpython" in path:
-        return "libpython data"
+    if path == proc.interpreter:
+        return INTERPRETER
     if path:
         return "other libraries' data"
     # anonymous: right after libpython's data it is libpython's bss
     prev = [x for x in proc.maps if x[1] == start]
-    if prev and "libpython" in prev[0][4] and "w" in prev[0][2]:
-        return "libpython data"
+    if prev and prev[0][4] == proc.interpreter and "w" in prev[0][2]:
+        return INTERPRETER
     return "anonymous (arenas, mmaps)"
 
 
@@ -136,7 +140,7 @@ class Symbols:
 
     def __init__(self, proc: Proc) -> None:
         self.entries: list[tuple[int, int, str]] = []
-        lib = next((m for m in proc.maps if "libpython" in m[4]), None)
+        lib = next((m for m in proc.maps if m[4] == proc.interpreter), None)
         if lib is None or not shutil.which("nm"):
             return
         base = min(m[0] - m[3] for m in proc.maps if m[4] == lib[4])
@@ -286,7 +290,7 @@ def explain(
         z = struct.unpack_from("<Q", theirs, off)[0]
         if a == z:
             continue
-        if k == "libpython data":
+        if k == INTERPRETER:
             causes[symbol_group(symbols.name(addr + off))] += 1
             continue
         if 0 < abs(a - z) < SMALL_DELTA and off + 16 <= PAGE:

@@ -315,20 +315,31 @@ def smaps_rollup(pid: int) -> dict[str, int] | None:
     }
 
 
-def shim_usage(c: pc.PrivateContainerd, groups: dict[str, list[str]]) -> list[dict[str, Any]]:
-    """Per shim (named by the id it was started with: a single container, or a
-    pod's sandbox): its memory (summed over its processes, normally one) and how
-    many containers it serves."""
+def shim_pids(c: pc.PrivateContainerd) -> dict[str, list[int]]:
+    """Shim processes of this containerd by the ``-id`` they were started with."""
     by_id: dict[str, list[int]] = {}
     for p in c.shim_processes():
         cmd = p.info.get("cmdline") or []
         for i, arg in enumerate(cmd[:-1]):
             if arg == "-id":
                 by_id.setdefault(cmd[i + 1], []).append(p.pid)
+    return by_id
+
+
+def shim_usage(c: pc.PrivateContainerd, groups: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Per shim (named by the id it was started with: a single container, or a
+    pod's sandbox): its memory (summed over its processes, normally one) and how
+    many containers it serves."""
+    by_id = shim_pids(c)
+    if any(gid not in by_id for gid in groups):
+        time.sleep(1)  # a scan of /proc can miss one: look again
+        by_id = shim_pids(c)
     out = []
+    missing = []
     for gid, members in groups.items():
         pids = by_id.get(gid, [])
         if not pids:
+            missing.append(gid)
             continue
         tot = {"rss": 0, "pss": 0, "uss": 0, "ksm": 0, "procs": len(pids)}
         for pid in pids:
@@ -338,7 +349,17 @@ def shim_usage(c: pc.PrivateContainerd, groups: dict[str, list[str]]) -> list[di
                     tot[k] += m[k]
         tot["containers"] = len(members)
         out.append(tot)
+    if missing:
+        print(f"  no shim process found for {len(missing)} of {len(groups)}: {missing[:5]}")
+        if os.environ.get("PYSHIM_BENCH_DEBUG"):
+            for gid in missing[:2]:
+                print(subprocess.run(["pgrep", "-af", gid], capture_output=True, text=True).stdout)
+                print(b_ctr_tasks(c, gid))
     return out
+
+
+def b_ctr_tasks(c: pc.PrivateContainerd, gid: str) -> str:
+    return "\n".join(line for line in c.ctr("task", "ls").stdout.splitlines() if gid in line)
 
 
 def summarize(per: list[dict[str, Any]]) -> dict[str, Any]:
@@ -533,7 +554,7 @@ def latency_rounds(b: Bench, rounds: int, res: dict[str, Any]) -> None:
                 for f in LATENCY_FIGURES:
                     lat[name][f].append(row[f])
             shown = "  ".join(
-                f"{f} {'FAIL' if row[f] is None else f'{row[f] * 1000:.0f}'}"
+                f"{f} {'FAIL' if row[f] is None else f'{(row[f] or 0) * 1000:.0f}'}"
                 for f in LATENCY_FIGURES
             )
             print(f"  round {rnd:>2} {name:<6} {shown} (ms)", flush=True)
@@ -904,7 +925,8 @@ def parse_counts(text: str) -> list[int]:
 def run_build(build: Build, args: argparse.Namespace, res: dict[str, Any]) -> None:
     p = res["params"]
     ksm = None
-    if "memory" in p["phases"] and p["memory"] and args.ksm != "off":
+    mem = "memory" in p["phases"] and (p["memory"] or p["pods"])
+    if mem and args.ksm != "off":
         why = Ksm.unavailable()
         if why:
             KSM_SKIPPED[0] = why
@@ -914,7 +936,7 @@ def run_build(build: Build, args: argparse.Namespace, res: dict[str, Any]) -> No
         print(f"latency, {p['rounds']} rounds (+1 warm-up)", flush=True)
         with private_containerd(build) as b:
             latency_rounds(b, p["rounds"], res)
-    if "memory" in p["phases"] and p["memory"]:
+    if mem:
         print(f"memory, {p['memory']} idle containers, {p['pods']} pods", flush=True)
         memory(build, p["memory"], p["pods"], p["per_pod"], ksm, res)
     if ("burst" in p["phases"] and p["burst"]) or ("scale" in p["phases"] and p["scale"]):
