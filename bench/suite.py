@@ -654,7 +654,7 @@ def memory_row(
     row["server"] = server_memory(b, server) if route.startswith("pyshim") else None
     m = row
     print(
-        f"  {layout:<16} {route:<11} {m['shims']:>4} shims {m['containers']:>4} containers: "
+        f"  {layout:<30} {route:<11} {m['shims']:>4} shims {m['containers']:>4} containers: "
         f"PSS {m['pss_kib'] / MiB:.2f} USS {m['uss_kib'] / MiB:.2f} MiB/shim, "
         f"PSS {m['pss_per_ctr_kib'] / MiB:.2f} USS {m['uss_per_ctr_kib'] / MiB:.2f} MiB/container",
         flush=True,
@@ -684,6 +684,9 @@ def memory(
             time.sleep(SETTLE)
             for name in ("go", "pyshim"):
                 rows.append(memory_row(b, layout, name, by_name[name], server))
+            if polled(layout, n, per, counts):
+                rows += poll_rounds(b, layout, {"go": by_name["go"], "pyshim": by_name["pyshim"]},
+                                    server)  # fmt: skip
             for name in NAMES:
                 teardown_groups(b, by_name[name])
     if ksm is not None:
@@ -713,6 +716,10 @@ def memory(
                     f"then {k['steady_pct']:.1f} % of a core",
                     flush=True,
                 )
+                if polled(layout, n, per, counts):
+                    cpu0, t0 = ksm.cpu(), time.monotonic()
+                    rows += poll_rounds(b, layout, {"pyshim+KSM": groups}, server)
+                    k["polled_pct"] = 100 * (ksm.cpu() - cpu0) / (time.monotonic() - t0)
                 ksm.pause()  # the next round starts unmerged
                 teardown_groups(b, groups)
     res["memory"] = {
@@ -733,6 +740,36 @@ def memory(
 
 KSM_TIMEOUT = [300.0]
 KSM_SKIPPED = [""]
+POLL = [10.0, 3]  # seconds between Stats polls, polls (--poll, --poll-rounds)
+
+
+def polled(layout: str, n: int, per: int, counts: list[int]) -> bool:
+    """Poll the largest single layout and the pods (as kubelet's stats do on a node)."""
+    return POLL[0] > 0 and POLL[1] > 0 and (bool(per) or n == max(counts, default=0))
+
+
+def poll_rounds(
+    b: Bench, layout: str, routes: dict[str, dict[str, list[str]]], server: int | None
+) -> list[dict[str, Any]]:
+    """Stats for every container every POLL[0] s (``ctr task metrics``: containerd
+    asks the shim, as CRI's ListContainerStats does for the kubelet), POLL[1]
+    times; memory right after the last poll and again POLL[0] s later (the best
+    moment of the cycle: just before the next poll would come)."""
+    interval, rounds = POLL[0], int(POLL[1])
+    every = [cid for groups in routes.values() for ids in groups.values() for cid in ids]
+    tag = f"Stats/{interval:.0f}s"
+    rows = []
+    for i in range(rounds):
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(POOL) as ex:
+            list(ex.map(lambda cid: b.ctr_ok("task", "metrics", cid), every))
+        if i == rounds - 1:
+            for route, groups in routes.items():
+                rows.append(memory_row(b, f"{layout}, just {tag}", route, groups, server))
+        time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+    for route, groups in routes.items():
+        rows.append(memory_row(b, f"{layout}, {tag}", route, groups, server))
+    return rows
 
 
 def burst(b: Bench, count: int, res: dict[str, Any]) -> None:
@@ -797,7 +834,7 @@ def report_memory(m: dict[str, Any]) -> list[str]:
     lines = [
         "Idle memory, MiB: median per shim, and per container (a pod's shim serves its "
         "pause container and the others)",
-        f"{'layout':<18} {'route':<11} {'shims':>5} {'ctrs':>5} {'RSS':>6} {'PSS':>6} "
+        f"{'layout':<30} {'route':<11} {'shims':>5} {'ctrs':>5} {'RSS':>6} {'PSS':>6} "
         f"{'USS':>6} {'KSM':>6} {'PSS/ctr':>8} {'USS/ctr':>8} {'vs go PSS':>10} "
         f"{'vs go USS':>10} {'PSS/ctr+srv':>12}",
     ]
@@ -812,7 +849,7 @@ def report_memory(m: dict[str, Any]) -> list[str]:
             (r["pss_total_kib"] + srv["pss"]) / r["containers"] if srv and r["containers"] else None
         )
         lines.append(
-            f"{r['layout']:<18} {r['route']:<11} {r['shims']:>5} {r['containers']:>5} "
+            f"{r['layout']:<30} {r['route']:<11} {r['shims']:>5} {r['containers']:>5} "
             f"{r['rss_kib'] / MiB:>6.1f} {r['pss_kib'] / MiB:>6.2f} {r['uss_kib'] / MiB:>6.2f} "
             f"{r['ksm_kib'] / MiB:>6.2f} {r['pss_per_ctr_kib'] / MiB:>8.2f} "
             f"{r['uss_per_ctr_kib'] / MiB:>8.2f} "
@@ -841,6 +878,8 @@ def report_memory(m: dict[str, Any]) -> list[str]:
                 if "default_pace_pct" in r
                 else ""
             )
+            if "polled_pct" in r:
+                pace += f"; {r['polled_pct']:.1f} % while polled"
             per_scan = r.get("pages_per_scan")
             lines.append(
                 f"  {r['layout']:<18} {'merged' if r['converged'] else 'NOT converged'} after "
@@ -977,6 +1016,13 @@ def main() -> int:
     ap.add_argument("--ksm-sleep-ms", type=int, default=20, help="ksmd's sleep (kernel default 20)")
     ap.add_argument("--ksm-timeout", type=float, default=300, help="seconds to wait for merging")
     ap.add_argument(
+        "--poll",
+        type=float,
+        default=10,
+        help="seconds between Stats polls of the largest layout and the pods (0: no polling)",
+    )
+    ap.add_argument("--poll-rounds", type=int, default=3, help="Stats polls before measuring")
+    ap.add_argument(
         "--containerd",
         action="append",
         metavar="DIR",
@@ -1002,6 +1048,7 @@ def main() -> int:
         "scale": args.scale if args.scale is not None else (20 if q else 200),
     }
     KSM_TIMEOUT[0] = args.ksm_timeout
+    POLL[:] = [args.poll, args.poll_rounds]
     builds = builds_from(args)
     for build in builds:
         if missing := build.missing():
