@@ -316,13 +316,26 @@ def smaps_rollup(pid: int) -> dict[str, int] | None:
 
 
 def shim_pids(c: pc.PrivateContainerd) -> dict[str, list[int]]:
-    """Shim processes of this containerd by the ``-id`` they were started with."""
+    """Shim processes of this containerd by the ``-id`` they were started with.
+
+    Read from /proc directly: psutil's process_iter caches Process objects by
+    pid and (since psutil 6) skips one whose pid was reused, which after a
+    teardown of hundreds of shims hid a new one now and then."""
     by_id: dict[str, list[int]] = {}
-    for p in c.shim_processes():
-        cmd = p.info.get("cmdline") or []
+    address = str(c.address)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = Path(entry.path, "cmdline").read_bytes().decode(errors="replace").split("\0")
+            state = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == "Z" or not pc.has_flag(cmd, "-address", address):
+            continue
         for i, arg in enumerate(cmd[:-1]):
             if arg == "-id":
-                by_id.setdefault(cmd[i + 1], []).append(p.pid)
+                by_id.setdefault(cmd[i + 1], []).append(int(entry.name))
     return by_id
 
 
