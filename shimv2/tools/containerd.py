@@ -921,9 +921,12 @@ disabled_plugins = [{disabled_cri}
         """Live (non-zombie) shim processes started by THIS containerd (``-address <our sock>``)."""
         found = []
         me = os.getpid()
-        for p in psutil.process_iter(["pid", "cmdline"]):
+        # Fresh Process objects, not process_iter's cache: after hundreds of shims
+        # were torn down, a cached entry whose pid was reused hid a live shim.
+        for pid in psutil.pids():
             try:
-                cmd = p.info["cmdline"] or []
+                p = psutil.Process(pid)
+                cmd = p.cmdline()
                 if p.pid == me or not has_flag(cmd, "-address", str(self.address)):
                     continue
                 if cid is not None and not has_flag(cmd, "-id", cid):
