@@ -927,6 +927,7 @@ disabled_plugins = [{disabled_cri}
             try:
                 p = psutil.Process(pid)
                 cmd = p.cmdline()
+                p.info = {"pid": pid, "cmdline": cmd}  # as process_iter fills it; callers read it
                 if p.pid == me or not has_flag(cmd, "-address", str(self.address)):
                     continue
                 if cid is not None and not has_flag(cmd, "-id", cid):
