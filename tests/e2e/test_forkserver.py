@@ -8,9 +8,7 @@ a private fork-server directory, so the server it launches is ours to stop.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,42 +19,12 @@ import pytest
 
 from shimv2 import forkserver
 
+from .forkservers import Private
 from .harness import RUNNING, STOPPED, Containerd, pid_alive, wait_until
 
 pytestmark = pytest.mark.e2e
 
 PYSHIM = "io.containerd.pyshim.v2"
-
-
-class Private:
-    def __init__(self, enabled: bool = True) -> None:
-        self.fs_dir = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp")) / "d"
-        env = {forkserver.DIR_ENV: str(self.fs_dir)}
-        if not enabled:
-            env[forkserver.ENABLE_ENV] = "0"
-        self.c = Containerd(extra_env=env)
-        self.c.start()
-
-    def server_pid(self) -> int | None:
-        pid_file = Path(forkserver.paths(str(self.fs_dir), forkserver.version_tag())[3])
-        try:
-            pid = int(pid_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return pid if pid_alive(pid) else None
-
-    def wait_for_server(self) -> int:
-        wait_until(lambda: self.server_pid() is not None, timeout=30, what="fork server up")
-        pid = self.server_pid()
-        assert pid is not None
-        return pid
-
-    def close(self) -> None:
-        self.c.stop()
-        pid = self.server_pid()
-        if pid is not None:  # the server this containerd's shims launched
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.fs_dir.parent, ignore_errors=True)
 
 
 @pytest.fixture
@@ -176,7 +144,7 @@ def test_killing_the_server_breaks_nothing(private: Private, rootfs: Path) -> No
 
 
 def test_disabled_fork_server_is_never_launched(e2e_tools: None, rootfs: Path) -> None:
-    p = Private(enabled=False)
+    p = Private({forkserver.ENABLE_ENV: "0"})
     try:
         for _ in range(2):
             cid = p.c.new_id()

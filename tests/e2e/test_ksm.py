@@ -6,19 +6,16 @@ measures it); the node's KSM settings are never touched here."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from shimv2 import forkserver, ksm
+from shimv2 import ksm
 
-from .harness import RUNNING, STOPPED, Containerd, pid_alive, wait_until
+from .forkservers import Private
+from .harness import RUNNING, STOPPED, Containerd, wait_until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -40,28 +37,6 @@ def marked(pid: int) -> dict[str, bool]:
         elif line.startswith("VmFlags:"):
             found[name] = found.get(name, False) or "mg" in head[1:]
     return found
-
-
-class Private:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.fs_dir = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp")) / "d"
-        self.c = Containerd(extra_env={forkserver.DIR_ENV: str(self.fs_dir), **env})
-        self.c.start()
-
-    def server_pid(self) -> int | None:
-        pid_file = Path(forkserver.paths(str(self.fs_dir), forkserver.version_tag())[3])
-        try:
-            pid = int(pid_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return pid if pid_alive(pid) else None
-
-    def close(self) -> None:
-        self.c.stop()
-        pid = self.server_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.fs_dir.parent, ignore_errors=True)
 
 
 @pytest.fixture
