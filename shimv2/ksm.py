@@ -16,10 +16,10 @@ environment (``enabled``); the fork server marks itself when it starts with
 it, so that its daemons inherit the marks and merge with its pages too, and a
 daemon marks what it mapped since (``Marker.mark``) once it went quiet.
 
-The trade-off, for docs/design.md: pages are shared only among processes that
-opted in (root's shim daemons and their fork server), but merging is what KSM
-side channels (timing a write to a merged page) need; ksmd's CPU grows with
-the number of pages it scans.
+The trade-off (docs/design.md has the figures): pages are shared only among
+processes that opted in (root's shim daemons and their fork server), but
+merging is what KSM side channels (timing a write to a merged page) need;
+ksmd's CPU grows with the number of pages it scans.
 
 Pure parsing and one libc call: no trio, no protobuf (the fork server uses it).
 """
@@ -27,7 +27,9 @@ Pure parsing and one libc call: no trio, no protobuf (the fork server uses it).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+from collections.abc import Mapping
 
 from shimv2.libc import libc
 
@@ -41,7 +43,7 @@ libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 libc.madvise.restype = ctypes.c_int
 
 
-def enabled(environ: dict[str, str] | os._Environ[str]) -> bool:
+def enabled(environ: Mapping[str, str]) -> bool:
     """The node operator opted in (containerd's environment reaches every shim)."""
     return environ.get(ENV, "").strip().lower() in ("1", "on", "true", "yes")
 
@@ -114,7 +116,7 @@ class Marker:
                 continue
             if libc.madvise(start, end - start, MADV_MERGEABLE) != 0:
                 err = ctypes.get_errno()
-                if err in (22, 38):  # EINVAL, ENOSYS: no CONFIG_KSM
+                if err in (errno.EINVAL, errno.ENOSYS):  # no CONFIG_KSM
                     self.failed = OSError(err, f"madvise(MADV_MERGEABLE): {os.strerror(err)}")
                     return done
                 continue  # ENOMEM: unmapped meanwhile; EAGAIN: try again next time
