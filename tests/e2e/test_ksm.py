@@ -19,6 +19,7 @@ from .harness import RUNNING, STOPPED, Containerd, wait_until
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.node,  # also on the systemd + cgroup v2 node (make test-node)
     pytest.mark.skipif(not Path(ksm.SYSFS).exists(), reason="kernel without KSM"),
 ]
 
