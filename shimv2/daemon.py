@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import logging
 import os
 import signal
@@ -63,14 +64,25 @@ class IdleMarker:
         """``methods`` with each request noted as activity."""
 
         def noting(handler: Any) -> Any:
-            async def handle(request: Any, ctx: RequestContext) -> Any:
-                self._last = trio.current_time()
-                self._requested.set()
-                return await handler(request, ctx)
+            if inspect.iscoroutinefunction(handler):
 
-            return handle
+                async def handle(request: Any, ctx: RequestContext) -> Any:
+                    self._noted()
+                    return await handler(request, ctx)
+
+                return handle
+
+            def handle_now(request: Any, ctx: RequestContext) -> Any:
+                self._noted()
+                return handler(request, ctx)
+
+            return handle_now
 
         return {name: Method(m.request_type, noting(m.handler)) for name, m in methods.items()}
+
+    def _noted(self) -> None:
+        self._last = trio.current_time()
+        self._requested.set()
 
     async def run(self) -> None:
         self._last = trio.current_time()

@@ -23,12 +23,14 @@ only when the exporter collects; RPC durations are recorded per call.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
@@ -349,30 +351,51 @@ class _Rpc:
 
 _RPC: contextvars.ContextVar[_Rpc] = contextvars.ContextVar("pyshim_rpc")
 
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def traced(handler: Handler, *, may_configure: bool = False) -> Handler:
-    """Wrap a ttrpc handler ``(request, ctx)``: a span per call while tracing is on.
+    """Wrap a ttrpc handler ``(request, ctx)``, ``async def`` or plain: a span per
+    call while tracing is on.
 
     ``may_configure``: the handler may turn tracing on (Create, from its options);
     its own span then starts at the time the call came in.
     """
 
-    @functools.wraps(handler)
-    async def run(request: Any, ctx: Any) -> Any:
-        if _otel is None and (not may_configure or _unavailable):
-            return await handler(request, ctx)
-        rpc = _Rpc(ctx)
-        token = _RPC.set(rpc)
-        error: BaseException | None = None
-        try:
-            return await handler(request, ctx)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            _RPC.reset(token)
-            rpc.finish(error)
+    def off() -> bool:
+        return _otel is None and (not may_configure or _unavailable)
 
-    return cast(Handler, run)
+    if inspect.iscoroutinefunction(handler):
+
+        @functools.wraps(handler)
+        async def run(request: Any, ctx: Any) -> Any:
+            if off():
+                return await handler(request, ctx)
+            with _rpc(ctx):
+                return await handler(request, ctx)
+
+        return cast(Handler, run)
+
+    @functools.wraps(handler)
+    def run_now(request: Any, ctx: Any) -> Any:
+        if off():
+            return handler(request, ctx)
+        with _rpc(ctx):
+            return handler(request, ctx)
+
+    return cast(Handler, run_now)
+
+
+@contextlib.contextmanager
+def _rpc(ctx: Any) -> Iterator[None]:
+    rpc = _Rpc(ctx)
+    token = _RPC.set(rpc)
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        _RPC.reset(token)
+        rpc.finish(error)

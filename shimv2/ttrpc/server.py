@@ -2,8 +2,11 @@
 
 Rules that matter for a shim (spec/ttrpc.md §7, pitfalls 2, 3, 17):
 
-* every request runs in its own task, so a ``Wait`` blocked for the
-  container's lifetime never stalls other calls on the same connection;
+* every request to an ``async def`` handler runs in its own task, so a
+  ``Wait`` blocked for the container's lifetime never stalls other calls on
+  the same connection; a plain ``def`` handler (one that never waits, like
+  ``State``) is answered from the read loop itself, which saves the task and
+  two passes of the scheduler per call;
 * a bad frame or a failing handler is answered with an error status; the
   connection is never closed for it (containerd would take that as "shim died");
 * handler tasks live in a nursery owned by the server, not by the connection:
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import inspect
 import logging
 import math
 import os
@@ -72,12 +77,20 @@ _BACKOFF_MAX = 1.0
 _FATAL_ACCEPT_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL, errno.EOPNOTSUPP})
 
 Handler = Callable[[Any, "RequestContext"], Awaitable[Message]]
+SyncHandler = Callable[[Any, "RequestContext"], Message]
 
 
 @dataclass
 class Method:
+    """A method's request type and its handler: ``async def`` when it may wait,
+    a plain ``def`` when it never does (answered without a task of its own)."""
+
     request_type: type[Message]
-    handler: Handler
+    handler: Handler | SyncHandler
+    is_async: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.is_async = inspect.iscoroutinefunction(self.handler)
 
 
 @dataclass
@@ -140,7 +153,10 @@ class _Connection:
         # Used with os.read/os.write only while `disconnected` is not set: close()
         # sets it before the socket (and so this fd number) is released.
         self.fd = stream.socket.fileno()
-        self.write_lock = trio.Lock()
+        # Held while a frame is being written. A Semaphore, not a Lock: a frame
+        # begun from the read loop (a plain handler's answer) may be finished by
+        # a task, which then releases it.
+        self.write_lock = trio.Semaphore(1)
         self.disconnected = trio.Event()
         self.disconnect_scopes: set[trio.CancelScope] = set()  # see cancel_on_disconnect
         # Back-pressure accounting: answers owed (parked ones apart), and the bytes
@@ -198,30 +214,53 @@ class _Connection:
             # Another frame is half-written: queue up, counted as pending.
             self.pending_bytes += len(frame)
             try:
-                async with self.write_lock:
-                    await self._send_all(frame)
+                await self.write_lock.acquire()
             finally:
                 self.pending_bytes -= len(frame)
-            return
-        # The usual case: nobody is mid-frame and the socket buffer takes the whole
-        # frame in one write(2), with no await (a trio.Lock and a trio send each cost
-        # a pass of the scheduler; with the read loop's, ~0.015 ms per request here).
+        rest = self._write_held(frame)
+        if rest is not None:
+            await self._finish(rest)
+
+    def send_nowait(self, frame: bytes) -> Callable[[], Awaitable[None]] | None:
+        """Write ``frame`` now, without waiting, if no other frame is half-written.
+        None once it is written (or dropped: the peer is gone); otherwise what a
+        task must await to finish it."""
+        if self.disconnected.is_set():
+            return None
         try:
-            try:
-                sent = os.write(self.fd, frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:  # EPIPE (Python ignores SIGPIPE), ECONNRESET: the peer is gone
-                self.close()
-                return
-            if sent < len(frame):
-                rest = len(frame) - sent
-                self.pending_bytes += rest  # the peer is not reading fast enough
-                try:
-                    await self._send_all(memoryview(frame)[sent:])
-                finally:
-                    self.pending_bytes -= rest
+            self.write_lock.acquire_nowait()
+        except trio.WouldBlock:
+            return functools.partial(self.send, frame)
+        rest = self._write_held(frame)
+        return None if rest is None else functools.partial(self._finish, rest)
+
+    def _write_held(self, frame: bytes) -> memoryview | None:
+        """With ``write_lock`` held: write what the socket takes now. The usual case:
+        the socket buffer takes the whole frame in one write(2), with no await (a
+        trio send costs a pass of the scheduler). None when the frame is done (the
+        lock is released then); otherwise the rest, still under the lock."""
+        if self.disconnected.is_set():
+            self.write_lock.release()
+            return None
+        try:
+            sent = os.write(self.fd, frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # EPIPE (Python ignores SIGPIPE), ECONNRESET: the peer is gone
+            self.close()
+            sent = len(frame)
+        if sent == len(frame):
+            self.write_lock.release()
+            return None
+        return memoryview(frame)[sent:]
+
+    async def _finish(self, rest: memoryview) -> None:
+        """The rest of a frame begun by :meth:`_write_held`; releases ``write_lock``."""
+        self.pending_bytes += len(rest)  # the peer is not reading fast enough
+        try:
+            await self._send_all(rest)
         finally:
+            self.pending_bytes -= len(rest)
             self.write_lock.release()
 
     async def _send_all(self, data: bytes | memoryview) -> None:
@@ -416,14 +455,29 @@ class Server:
         except MalformedMessageError as exc:
             reply(Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
             return
+        cost = len(event.data)
+        method = self._services.get(req.service, {}).get(req.method)
+        if method is not None and not method.is_async:
+            self._answer_now(conn, event.stream_id, req, method, cost, handlers)
+            return
         # Counted from here, not when its task first runs: a request read in the
         # same batch as a Shutdown is answered before the daemon exits.
+        self._owe(conn, cost)
+        handlers.start_soon(self._handle, conn, event.stream_id, req, cost)
+
+    def _owe(self, conn: _Connection, cost: int) -> None:
+        """An answer is owed from now on (``drained`` waits for it)."""
         self._in_flight += 1
         if self._drained.is_set():
             self._drained = trio.Event()
-        cost = len(event.data)
         conn.acquire(cost)
-        handlers.start_soon(self._handle, conn, event.stream_id, req, cost)
+
+    def _paid(self, conn: _Connection, cost: int) -> None:
+        """That answer was written, or dropped with its connection."""
+        conn.release(cost)
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._drained.set()
 
     async def _reply(self, conn: _Connection, frame: bytes) -> None:
         try:
@@ -435,17 +489,65 @@ class Server:
         try:
             await self._handle_one(conn, stream_id, req)
         finally:
-            conn.release(cost)
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._drained.set()
+            self._paid(conn, cost)
 
     async def _handle_one(self, conn: _Connection, stream_id: int, req: Request) -> None:
+        ctx = self._context(conn, stream_id, req)
+        try:
+            method, request = self._prepare(req)
+            try:
+                deadline = math.inf if ctx.deadline is None else ctx.deadline
+                with trio.CancelScope(deadline=deadline) as scope:
+                    result = await method.handler(request, ctx)  # type: ignore[misc]
+                if scope.cancelled_caught:
+                    raise TTRPCError(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
+                frame = _response_frame(stream_id, result)
+            except Exception as exc:
+                raise _failure(req, exc) from None
+        except TTRPCError as err:
+            frame = _error_frame(stream_id, err)
+        await conn.send(frame)
+
+    def _answer_now(
+        self,
+        conn: _Connection,
+        stream_id: int,
+        req: Request,
+        method: Method,
+        cost: int,
+        handlers: trio.Nursery,
+    ) -> None:
+        """A plain handler, run and answered from the read loop. Only a socket that
+        does not take the whole answer now leaves a task to finish the write."""
+        ctx = self._context(conn, stream_id, req)
+        try:
+            try:
+                result = method.handler(_decode(method, req), ctx)
+                frame = _response_frame(stream_id, result)  # type: ignore[arg-type]
+            except Exception as exc:
+                raise _failure(req, exc) from None
+        except TTRPCError as err:
+            frame = _error_frame(stream_id, err)
+        finish = conn.send_nowait(frame)
+        if finish is not None:
+            self._owe(conn, cost)
+            handlers.start_soon(self._finish_answer, conn, finish, cost)
+
+    async def _finish_answer(
+        self, conn: _Connection, finish: Callable[[], Awaitable[None]], cost: int
+    ) -> None:
+        try:
+            await finish()
+        finally:
+            self._paid(conn, cost)
+
+    @staticmethod
+    def _context(conn: _Connection, stream_id: int, req: Request) -> RequestContext:
         metadata: dict[str, list[str]] = {}
         for kv in req.metadata:
             metadata.setdefault(kv.key.lower(), []).append(kv.value)
         deadline = trio.current_time() + req.timeout_nano / 1e9 if req.timeout_nano != 0 else None
-        ctx = RequestContext(
+        return RequestContext(
             service=req.service,
             method=req.method,
             stream_id=stream_id,
@@ -456,46 +558,47 @@ class Server:
             _disconnect_scopes=conn.disconnect_scopes,
             _connection=conn,
         )
-        try:
-            payload = await self._dispatch(req, ctx)
-            try:
-                frame = encode_response(stream_id, payload=payload)
-            except OversizedMessageError as exc:
-                # Never emit > 4 MiB: a ttrpc 1.1 containerd would panic on it.
-                raise TTRPCError(Code.RESOURCE_EXHAUSTED, str(exc)) from None
-        except TTRPCError as err:
-            status = err.to_status()
-            # A huge error text must not turn into an oversized frame either.
-            status.message = status.message[: MESSAGE_LENGTH_MAX // 8]
-            frame = encode_response(stream_id, status=status)
-        await conn.send(frame)
 
-    async def _dispatch(self, req: Request, ctx: RequestContext) -> bytes:
-        """Run the handler; return the serialized response or raise TTRPCError."""
+    def _prepare(self, req: Request) -> tuple[Method, Message]:
+        """The method a request names, and its decoded request; or TTRPCError."""
         service = self._services.get(req.service)
         if service is None:
             raise TTRPCError(Code.UNIMPLEMENTED, f"service {req.service}")
         method = service.get(req.method)
         if method is None:
             raise TTRPCError(Code.UNIMPLEMENTED, f"method {req.method}")
-        try:
-            request = method.request_type.FromString(req.payload)
-        except DecodeError as exc:
-            raise TTRPCError(Code.INTERNAL, f"ttrpc: error unmarshalling payload: {exc}") from None
-        try:
-            deadline = math.inf if ctx.deadline is None else ctx.deadline
-            with trio.CancelScope(deadline=deadline) as scope:
-                result = await method.handler(request, ctx)
-            if scope.cancelled_caught:
-                raise TTRPCError(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
-            if not isinstance(result, Message):
-                raise TypeError(f"ttrpc: handler returned {type(result).__name__}, not a message")
-            payload = result.SerializeToString()
-        except Exception as exc:
-            if not isinstance(exc, TTRPCError):
-                log.exception("ttrpc: %s/%s failed", req.service, req.method)
-            raise error_from_exception(exc) from None
-        return payload
+        return method, _decode(method, req)
+
+
+def _decode(method: Method, req: Request) -> Message:
+    try:
+        return method.request_type.FromString(req.payload)
+    except DecodeError as exc:
+        raise TTRPCError(Code.INTERNAL, f"ttrpc: error unmarshalling payload: {exc}") from None
+
+
+def _response_frame(stream_id: int, result: object) -> bytes:
+    if not isinstance(result, Message):
+        raise TypeError(f"ttrpc: handler returned {type(result).__name__}, not a message")
+    try:
+        return encode_response(stream_id, payload=result.SerializeToString())
+    except OversizedMessageError as exc:
+        # Never emit > 4 MiB: a ttrpc 1.1 containerd would panic on it.
+        raise TTRPCError(Code.RESOURCE_EXHAUSTED, str(exc)) from None
+
+
+def _error_frame(stream_id: int, err: TTRPCError) -> bytes:
+    status = err.to_status()
+    # A huge error text must not turn into an oversized frame either.
+    status.message = status.message[: MESSAGE_LENGTH_MAX // 8]
+    return encode_response(stream_id, status=status)
+
+
+def _failure(req: Request, exc: Exception) -> TTRPCError:
+    """What a failed handler answers; a failure that is not a TTRPCError is logged."""
+    if not isinstance(exc, TTRPCError):
+        log.exception("ttrpc: %s/%s failed", req.service, req.method)
+    return error_from_exception(exc)
 
 
 def _as_trio_socket(sock: trio.socket.SocketType | socket.socket) -> trio.socket.SocketType:

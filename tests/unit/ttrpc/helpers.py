@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 from google.protobuf.empty_pb2 import Empty
@@ -65,10 +66,34 @@ class Peer:
         assert StringValue.FromString(resp.payload).value == text
 
 
+#: The default of EchoService(plain=...): test_server runs each test both ways.
+PLAIN = False
+
+#: Handlers that never wait; with ``EchoService(plain=True)`` they are plain
+#: functions, which the server answers from its read loop without a task.
+IMMEDIATE = ("Echo", "Empty", "Fail", "Missing", "Typed", "Big", "None", "Sized")
+
+
+def plain(handler: Callable[[Any, RequestContext], Awaitable[Any]]) -> Callable[..., Any]:
+    """An ``async def`` handler that never waits, as a plain function."""
+
+    def run(req: Any, ctx: RequestContext) -> Any:
+        coro = handler(req, ctx)
+        try:
+            coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+        coro.close()
+        raise AssertionError(f"{handler.__name__} waited: it cannot be a plain handler")
+
+    return run
+
+
 class EchoService:
     """Handlers covering each server rule; records what it saw."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, plain: bool | None = None) -> None:
+        self.plain = PLAIN if plain is None else plain
         self.release = trio.Event()
         self.block_started = trio.Event()
         self.block_finished = trio.Event()
@@ -122,6 +147,13 @@ class EchoService:
         return BytesValue(value=req.value.encode() * 20000)
 
     def methods(self) -> dict[str, Method]:
+        methods = self._methods()
+        if self.plain:
+            for name in IMMEDIATE:
+                methods[name] = Method(methods[name].request_type, plain(methods[name].handler))
+        return methods
+
+    def _methods(self) -> dict[str, Method]:
         return {
             "Echo": Method(StringValue, self.echo),
             "Empty": Method(Empty, self.empty),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import os
 import random
@@ -26,6 +27,7 @@ from shimv2.ttrpc import server as server_mod
 from shimv2.ttrpc.server import credentials_allowed, peer_credentials
 from shimv2.ttrpc.wire import Frame, FrameDecoder, MessageType, encode_frame, encode_request
 
+from . import helpers
 from .helpers import (
     SERVICE,
     TIMEOUT,
@@ -36,6 +38,14 @@ from .helpers import (
     make_server,
     served_pair,
 )
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["async", "plain"])
+def handler_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test twice: the simple handlers as ``async def`` (each request in its
+    own task) and as plain functions (answered from the read loop)."""
+    monkeypatch.setattr(helpers, "PLAIN", request.param)
+    return bool(request.param)
 
 
 def assert_status(resp: Response, code: Code, message: str | None = None) -> None:
@@ -441,6 +451,14 @@ class Holding(EchoService):
         }
 
     def _counted(self, handler):  # type: ignore[no-untyped-def]
+        if not inspect.iscoroutinefunction(handler):
+
+            def counted_now(req, ctx):  # type: ignore[no-untyped-def]
+                self.calls += 1
+                return handler(req, ctx)
+
+            return counted_now
+
         async def counted(req, ctx):  # type: ignore[no-untyped-def]
             self.calls += 1
             return await handler(req, ctx)
