@@ -240,8 +240,7 @@ class TaskService:
         self._exits.started(container, process, subscriber)
         return api.StartResponse(pid=process.pid)
 
-    @_uncancellable
-    async def exec(self, req: api.ExecProcessRequest, ctx: RequestContext) -> empty_pb2.Empty:
+    def exec(self, req: api.ExecProcessRequest, ctx: RequestContext) -> empty_pb2.Empty:
         validate_id(req.exec_id, "exec id")
         container = self._container(req.id)
         if req.exec_id in container.execs:
@@ -261,13 +260,13 @@ class TaskService:
         )
         return empty_pb2.Empty()
 
-    async def close_io(self, req: api.CloseIORequest, ctx: RequestContext) -> empty_pb2.Empty:
+    def close_io(self, req: api.CloseIORequest, ctx: RequestContext) -> empty_pb2.Empty:
         _, process = self._process(req.id, req.exec_id)
         if req.stdin:
             process.close_stdin()
         return empty_pb2.Empty()
 
-    async def resize_pty(self, req: api.ResizePtyRequest, ctx: RequestContext) -> empty_pb2.Empty:
+    def resize_pty(self, req: api.ResizePtyRequest, ctx: RequestContext) -> empty_pb2.Empty:
         _, process = self._process(req.id, req.exec_id)
         process.resize_pty(req.width, req.height)
         return empty_pb2.Empty()
@@ -313,7 +312,7 @@ class TaskService:
         if unmount_error is not None:
             raise status.unknown(f"failed rootfs umount: {unmount_error}")
 
-    async def state(self, req: api.StateRequest, ctx: RequestContext) -> api.StateResponse:
+    def state(self, req: api.StateRequest, ctx: RequestContext) -> api.StateResponse:
         container, process = self._process(req.id, req.exec_id)
         state = container.reported_status(process)
         return api.StateResponse(
@@ -396,7 +395,7 @@ class TaskService:
         await container.update(resources)
         return empty_pb2.Empty()
 
-    async def stats(self, req: api.StatsRequest, ctx: RequestContext) -> api.StatsResponse:
+    def stats(self, req: api.StatsRequest, ctx: RequestContext) -> api.StatsResponse:
         container = self._container(req.id)
         return api.StatsResponse(stats=pack(container.stats()))
 
