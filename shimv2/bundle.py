@@ -60,10 +60,20 @@ def read_text(path: str) -> str | None:
 
 
 def read_pid(path: str) -> int:
-    """A runc pid file (decimal, no newline); 0 when absent or unreadable."""
-    text = read_text(path)
+    """A runc pid file (decimal, no newline); 0 when absent or unreadable.
+    os.read, not open(): a third of the system calls, on every start and exec."""
     try:
-        return int(text.strip()) if text else 0
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        data = os.read(fd, 64)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+    try:
+        return int(data.strip() or b"0")
     except ValueError:
         return 0
 

@@ -158,7 +158,6 @@ class ConsoleIO(StdioBase):
     ) -> None:
         super().__init__(spec)
         self._spool = spool  # for the stdout FIFO: None blocks the tty while nobody reads
-        self._logger: BinaryLogger | None = None
         self._exited = trio.Event()
         self._master = -1  # owned here until close(); loops read it through self
         self._stdout = -1  # owned here until the output loop takes it

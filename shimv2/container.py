@@ -545,6 +545,22 @@ class Container:
                 process.id,
                 IO_FLUSH_TIMEOUT,
             )
+        self.record_exit(process, e)
+
+    def exit_settled(self, process: Process) -> bool:
+        """Whether ``process``'s exit can be recorded at once, with nothing to wait
+        for: an exec whose output has all gone (a short exec, by the time runc exec
+        returned). Saves the task and the passes of the scheduler of handle_exit."""
+        if process.is_init:
+            return False
+        if process.io is None:
+            return True
+        process.io.process_exited()
+        return process.io.output_done.is_set()
+
+    def record_exit(self, process: Process, e: Exit) -> None:
+        """The exit, once its output has gone: persisted (the init's), then State,
+        Wait and ``/tasks/exit`` all report it, with nothing awaited in between."""
         if process.is_init:
             # Persisted before anyone hears of it: `delete` after a dead shim reports it.
             record = bundlefiles.ExitRecord(process.pid, e.status, e.timestamp_ns)
@@ -559,7 +575,6 @@ class Container:
                     bundlefiles.EXIT_FILE,
                     exc.strerror or exc,
                 )
-        # Nothing awaited from here to the publish: State, Wait and the events agree.
         self.publish_ooms()
         process.set_exited(e.status, e.timestamp_ns)
         self.publisher.publish(

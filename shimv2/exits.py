@@ -5,15 +5,20 @@ The reaper reports every exit synchronously (:meth:`ExitMatcher.on_exit`). A
 process is matched by its pid once it is known to be started; exits that race
 a Create/Start are collected by a subscriber and handed over after the start
 event (:meth:`ExitMatcher.started`), so ``/tasks/exit`` never precedes
-``/tasks/start``. A matched exit is handled in the container's nursery.
+``/tasks/start``. A matched exit is handled in the container's nursery, or at
+once when nothing is left to wait for (:meth:`Container.exit_settled`).
 """
 
 from __future__ import annotations
+
+import logging
 
 from shimv2.container import Container
 from shimv2.process import Process
 from shimv2.reaper import Exit
 from shimv2.tasks import Spawner
+
+log = logging.getLogger(__name__)
 
 ExitSubscriber = dict[int, list[Exit]]
 
@@ -54,8 +59,15 @@ class ExitMatcher:
             self._running.setdefault(process.pid, []).append((container, process))
 
     def _exited(self, container: Container, process: Process, e: Exit) -> None:
-        """The reaper saw ``process`` exit: mark it at once, handle it in the background."""
+        """The reaper saw ``process`` exit: mark it at once; record it now if nothing
+        is left to wait for, else handle it in the background."""
         process.reaped = True
+        if container.exit_settled(process):
+            try:
+                container.record_exit(process, e)
+            except Exception:  # as a background handler's failure would be: logged
+                log.exception("recording the exit of %s failed", process.id)
+            return
         nursery = container.background() or self._nursery
         nursery.start_soon(container.handle_exit, process, e)
 

@@ -211,9 +211,11 @@ async def close_io(*processes: Process) -> None:
     ios = [p.io for p in processes if p.io is not None]
     for io in ios:
         io.close()
-    async with trio.open_nursery() as nursery:
-        for io in ios:
-            nursery.start_soon(io.shutdown_logger)
+    loggers = [io for io in ios if io.has_logger]
+    if loggers:  # most have none: no nursery then, and no pass of the scheduler
+        async with trio.open_nursery() as nursery:
+            for io in loggers:
+                nursery.start_soon(io.shutdown_logger)
 
 
 _ALREADY_FINISHED = ("os: process already finished", "container not running", "no such process")

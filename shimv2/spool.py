@@ -97,6 +97,13 @@ def has_reader(fd: int) -> bool:
     return not any(events & select.POLLERR for _, events in poller.poll(0))
 
 
+def ended_empty(fd: int) -> bool:
+    """Whether the pipe ``fd`` reads from is at its end already: no writer left, nothing in it."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events == select.POLLHUP for _, events in poller.poll(0))
+
+
 def readable_now(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)

@@ -25,7 +25,7 @@ import trio
 
 from shimv2 import tracing
 from shimv2.reaper import Child
-from shimv2.spool import Progress, Sink, Spool, SpoolConfig
+from shimv2.spool import Progress, Sink, Spool, SpoolConfig, ended_empty
 from shimv2.tasks import Spawner
 from shimv2.ttrpc import status
 
@@ -265,6 +265,11 @@ class StdioBase:
         self.output_done = trio.Event()
         self.progress = Progress()  # of the output towards its reader
         self._stdin_keepalive = -1
+        self._logger: BinaryLogger | None = None  # binary://: it reads the output itself
+
+    @property
+    def has_logger(self) -> bool:
+        return self._logger is not None
 
     def close_stdin(self) -> None:
         """CloseIO: drop our keep-alive writer so stdin ends when the client's writer does."""
@@ -323,7 +328,6 @@ class PipeIO(StdioBase):
         self._stdin_pump: tuple[int, int] | None = None
         self._output_pumps: list[tuple[int, int, Spool | None]] = []
         self._spool = spool  # None: no spooling, a FIFO nobody reads blocks the container
-        self._logger: BinaryLogger | None = None  # binary://: it reads the pipes itself
         self._scopes: list[trio.CancelScope] = []  # of the running copy loops
         try:
             self._setup(uid, gid, logger)
@@ -432,8 +436,19 @@ class PipeIO(StdioBase):
             nursery.start_soon(copy, *self._stdin_pump, False)
             self._stdin_pump = None
         for src, dst, spool in self._output_pumps:
+            if ended_empty(src):
+                # A short exec is often gone by now: nothing to copy, no loop to run.
+                if spool is not None:
+                    spool.close()
+                for fd in (src, dst):  # never waited on: no notify_closing
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                remaining -= 1
+                continue
             nursery.start_soon(copy, src, dst, True, spool)
         self._output_pumps.clear()
+        if remaining == 0:
+            self.output_done.set()
 
     def close(self) -> None:
         """Delete: stop the copy loops (they close their fds) and release the rest."""

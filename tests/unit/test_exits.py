@@ -284,3 +284,70 @@ async def test_unsubscribe_drops_that_subscriber_not_an_equal_one(
     shim.exits.started(container, container.init, starting)
     await settle()
     assert shim.events.exits() == [("c1", INIT_PID, 4)]
+
+
+class PendingOutput:
+    """The stdio of a process whose output has not all reached its reader yet."""
+
+    def __init__(self) -> None:
+        self.output_done = trio.Event()
+        self.exited = False
+
+    def process_exited(self) -> None:
+        self.exited = True
+
+    async def wait_output(self, idle: float) -> bool:
+        await self.output_done.wait()
+        return True
+
+
+async def test_an_exec_exit_with_nothing_left_to_wait_for_is_recorded_at_once(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """No task, no pass of the scheduler: Wait and State see it as the reaper does."""
+    shim = Shim(tmp_path, nursery)
+    container = await shim.container()
+    shim.start(container, container.init, INIT_PID)
+    process = shim.start_exec(container, "e1", EXEC_PID)
+    shim.exits.on_exit(Exit(EXEC_PID, 4, 1))
+    assert process.exited.is_set() and process.exit_status == 4  # before any await
+    assert shim.events.exits() == [("e1", EXEC_PID, 4)]
+    assert container.execs_idle.is_set()
+
+
+async def test_an_early_exec_exit_is_recorded_by_the_start(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A short exec gone before `runc exec` returned: Start's answer already finds
+    it exited (Wait answers right after it), and the exit follows exec-started."""
+    shim = Shim(tmp_path, nursery)
+    container = await shim.container()
+    shim.start(container, container.init, INIT_PID)
+    process = container.add_exec("e1", StdioSpec(), b"{}")
+    container.exec_started()
+    subscriber = shim.exits.subscribe()
+    shim.exits.on_exit(Exit(EXEC_PID, 0, 1))  # during `runc exec`
+    process.set_running(EXEC_PID)
+    shim.events.publish("/tasks/exec-started", None)
+    shim.exits.started(container, process, subscriber)
+    assert process.exited.is_set()
+    assert shim.events.topics() == ["/tasks/exec-started", "/tasks/exit"]
+
+
+async def test_an_exec_exit_waits_in_the_background_for_its_output(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    shim = Shim(tmp_path, nursery)
+    container = await shim.container()
+    shim.start(container, container.init, INIT_PID)
+    process = shim.start_exec(container, "e1", EXEC_PID)
+    io = PendingOutput()
+    process.io = cast(Any, io)
+    shim.exits.on_exit(Exit(EXEC_PID, 0, 1))
+    await settle()
+    assert io.exited and process.reaped
+    assert not process.exited.is_set() and shim.events.published == []
+    io.output_done.set()
+    await settle()
+    assert process.exited.is_set()
+    assert shim.events.exits() == [("e1", EXEC_PID, 0)]

@@ -142,6 +142,48 @@ async def test_container_eof_closes_the_fifo_writer(tmp_path: Path) -> None:
         io.close()
 
 
+async def test_output_that_ended_before_the_start_needs_no_copy_loop(tmp_path: Path) -> None:
+    """A short exec is often gone when `runc exec` returns: its empty output is done
+    at once (the exit is then recorded without waiting), and the client sees EOF;
+    output that has data, or a writer left, still gets its loop."""
+    out, err = mkfifo(tmp_path, "stdout"), mkfifo(tmp_path, "stderr")
+    out_reader, err_reader = client_reader(out), client_reader(err)
+    io = PipeIO(StdioSpec(stdout=out, stderr=err))
+    ends = container_ends(io)
+    os.close(ends[1])  # exited without a word on stdout
+    os.write(ends[2], b"last words")  # and with some on stderr
+    os.close(ends[2])
+    before = open_fds()
+    try:
+        async with trio.open_nursery() as nursery:
+            io.start(nursery)
+            assert len(open_fds()) == len(before) - 2  # stdout's pipe and FIFO fds: closed
+            assert not io.output_done.is_set()  # stderr's bytes are still on their way
+            with trio.fail_after(TIMEOUT):
+                assert await read_until_eof(err_reader) == b"last words"
+                await io.output_done.wait()
+        assert read_now(out_reader) == b""  # EOF: no writer left
+    finally:
+        os.close(out_reader)
+        os.close(err_reader)
+        io.close()
+
+
+async def test_output_with_nothing_at_all_is_done_at_start(tmp_path: Path) -> None:
+    out = mkfifo(tmp_path, "stdout")
+    reader = client_reader(out)
+    io = PipeIO(StdioSpec(stdout=out))
+    os.close(container_ends(io)[1])
+    try:
+        async with trio.open_nursery() as nursery:
+            io.start(nursery)
+            assert io.output_done.is_set()  # before any await
+            assert len(nursery.child_tasks) == 0
+    finally:
+        os.close(reader)
+        io.close()
+
+
 async def test_stdout_and_stderr_to_the_same_fifo_share_it(tmp_path: Path) -> None:
     path = mkfifo(tmp_path, "out")
     reader = client_reader(path)
