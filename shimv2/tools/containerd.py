@@ -445,6 +445,20 @@ class EventWatcher:
             self._thread.join(timeout=5)
 
 
+def remove_empty_cgroups(name: str, root: Path = Path("/sys/fs/cgroup")) -> None:
+    """Remove the cgroup directories named ``name`` (a containerd namespace: its
+    containers' parent) under ``root`` and under each v1 hierarchy, if nothing
+    is left in them. containerd never removes them: every test run with its own
+    namespace would leave ten empty cgroups behind on the machine."""
+    for top in [root, *(d for d in root.iterdir() if d.is_dir())] if root.is_dir() else []:
+        base = top / name
+        if not base.is_dir() or not base.resolve().is_relative_to(top.resolve()):
+            continue
+        for dirpath, _, _ in sorted(os.walk(base), key=lambda w: -len(w[0])):  # leaves first
+            with contextlib.suppress(OSError):  # busy (a process is in it): left alone
+                os.rmdir(dirpath)
+
+
 # --------------------------------------------------------------------------- containerd
 
 
@@ -701,6 +715,7 @@ disabled_plugins = [{disabled_cri}
         if self._own_namespace:
             with contextlib.suppress(OSError):
                 self.runc_root.rmdir()
+            remove_empty_cgroups(self.namespace)
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
         return notes

@@ -6,6 +6,7 @@ The end-to-end run against a real containerd is tests/e2e/test_stress.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -236,3 +237,19 @@ def test_cli_defaults_and_missing_shim(capsys: pytest.CaptureFixture[str]) -> No
         stress.containerd_path_for("io.containerd.nope.v9")
     assert stress.main(["--runtime", "io.containerd.nope.v9", "--cycles", "1"]) == 2
     assert "containerd-shim-nope-v9" in capsys.readouterr().err
+
+
+def test_a_private_containerd_removes_its_namespace_cgroups(tmp_path: Path) -> None:
+    """The per-namespace parents containerd leaves in each hierarchy go at stop;
+    a cgroup still holding something (here: a file, as a process would) stays."""
+    from shimv2.tools.containerd import remove_empty_cgroups
+
+    for parent in ("", "memory", "pids", "unified"):
+        (tmp_path / parent / "e2e-1" / "c1").mkdir(parents=True)
+    (tmp_path / "cpu" / "e2e-1" / "busy").mkdir(parents=True)
+    (tmp_path / "cpu" / "e2e-1" / "busy" / "cgroup.procs").write_text("42\n")
+    (tmp_path / "memory" / "e2e-2").mkdir()
+    remove_empty_cgroups("e2e-1", tmp_path)
+    assert not any((tmp_path / p / "e2e-1").exists() for p in ("", "memory", "pids", "unified"))
+    assert (tmp_path / "cpu" / "e2e-1" / "busy").is_dir()  # not empty: left alone
+    assert (tmp_path / "memory" / "e2e-2").is_dir()  # another namespace: not ours
