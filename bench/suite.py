@@ -45,6 +45,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -149,11 +150,15 @@ class Build:
     """A containerd build: its dir (containerd, ctr, containerd-shim-runc-v2) or the system's."""
 
     directory: str | None
+    #: A/A calibration: a directory where containerd-shim-pyshim-v2 is this build's
+    #: Go shim, used instead of the venv's bin: both columns then run the Go shim.
+    aa_dir: str | None = None
 
     @property
     def path(self) -> str:
         system = os.environ.get("PYSHIM_E2E_PATH", pc.DEFAULT_SYSTEM_PATH)
-        dirs = [str(pc.venv_bin_dir()), *([self.directory] if self.directory else []), system]
+        first = self.aa_dir or str(pc.venv_bin_dir())
+        dirs = [first, *([self.directory] if self.directory else []), system]
         return ":".join(dirs)
 
     @property
@@ -393,6 +398,17 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def bootstrap_ci(xs: list[float], level: float = 0.95, resamples: int = 2000) -> list[float]:
+    """A percentile bootstrap interval for the median of ``xs``: how far this
+    machine's noise alone moves the figure (on 2 busy cores, easily +-5 %)."""
+    if len(xs) < 2:
+        return [float("nan"), float("nan")]
+    rng = random.Random(0)  # the same data gives the same interval
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return [meds[int(tail * resamples)], meds[int((1 - tail) * resamples) - 1]]
+
+
 def order(rnd: int) -> list[str]:
     return NAMES if rnd % 2 == 0 else NAMES[::-1]
 
@@ -579,6 +595,7 @@ def latency_rounds(b: Bench, rounds: int, res: dict[str, Any]) -> None:
             s[n] = {"median_ms": median(vals) * 1000, "n": len(vals)}
         ratios = [p / g for p, g in zip(lat["pyshim"][f], lat["go"][f], strict=True) if p and g]
         s["ratio"] = median(ratios)
+        s["ratio_ci95"] = bootstrap_ci(ratios)
         summary[f] = s
     res["latency"] = {"rounds": rounds, "figures": summary, "raw": lat, "errors": errors}
 
@@ -913,13 +930,14 @@ def report(res: dict[str, Any]) -> str:
         lat = res["latency"]
         lines.append(
             f"Latency, ms (median of {lat['rounds']} interleaved rounds; "
-            "ratio = median of per-round pyshim/go)"
+            "ratio = median of per-round pyshim/go, with its 95 % bootstrap interval)"
         )
-        lines.append(f"{'figure':<14} {'pyshim':>9} {'go':>9} {'pyshim/go':>10}")
+        lines.append(f"{'figure':<14} {'pyshim':>9} {'go':>9} {'pyshim/go':>10} {'95% CI':>13}")
         for f, s in lat["figures"].items():
+            lo, hi = s.get("ratio_ci95", [float("nan")] * 2)
             lines.append(
                 f"{f:<14} {s['pyshim']['median_ms']:>9.1f} {s['go']['median_ms']:>9.1f} "
-                f"{s['ratio']:>9.2f}x"
+                f"{s['ratio']:>9.2f}x {lo:>6.2f}-{hi:.2f}x"
             )
         if lat["errors"]:
             lines.append(f"latency errors: {len(lat['errors'])}: {lat['errors'][:3]}")
@@ -966,7 +984,11 @@ def versions(build: Build) -> str:
         f"load {os.getloadavg()[0]:.2f}\n"
         f"{build.version()} ({build.label}; the Go shim: its containerd-shim-runc-v2)\n"
         f"{first_line(build.which('runc') or 'runc', '--version')}\n"
-        f"pyshim on python {platform.python_version()} ({sys.executable})"
+        + (
+            "A/A calibration: the Go shim runs in the pyshim column too (--aa)"
+            if build.aa_dir
+            else f"pyshim on python {platform.python_version()} ({sys.executable})"
+        )
     )
 
 
@@ -1043,12 +1065,20 @@ def main() -> int:
         "several; 'system' = the system's. Default: $PYSHIM_BENCH_CONTAINERDS (DIR:DIR), "
         "else $PYSHIM_E2E_CONTAINERD, else system",
     )
+    ap.add_argument(
+        "--aa",
+        action="store_true",
+        help="calibration: run the Go shim in both columns (latency only); a ratio away "
+        "from 1.00x is the bench's own bias and noise",
+    )
     ap.add_argument("--json", metavar="FILE", help="write machine-readable results")
     args = ap.parse_args()
     q = args.quick
     phases = [x for x in (args.only or ",".join(PHASES)).split(",") if x]
     if unknown := set(phases) - set(PHASES):
         ap.error(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
+    if args.aa and phases != ["latency"]:
+        ap.error("--aa measures latency only: add --only latency")
     params = {
         "phases": phases,
         "rounds": args.rounds if args.rounds is not None else (5 if q else 15),
@@ -1077,6 +1107,14 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     try:
         ROOTFS[:] = [harness.busybox_rootfs(work / "rootfs")]
+        if args.aa:
+            for i, build in enumerate(builds):
+                build.aa_dir = str(work / f"aa{i}")
+                os.mkdir(build.aa_dir)
+                go_shim = build.which("containerd-shim-runc-v2")
+                assert go_shim is not None  # checked by build.missing()
+                pyshim_name = pc.shim_binary_name(RUNTIMES["pyshim"])
+                os.symlink(go_shim, os.path.join(build.aa_dir, pyshim_name))
         for build in builds:
             res: dict[str, Any] = {"versions": versions(build), "params": params}
             res["build"] = build.label
