@@ -7,9 +7,7 @@ ttrpc >= 1.2 servers require (spec/ttrpc.md §6).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -88,13 +86,7 @@ class Client:
         stream_id = 0
         with trio.CancelScope(deadline=deadline) as scope:
             try:
-                await trio.lowlevel.checkpoint_if_cancelled()  # an expired timeout sends nothing
-                try:
-                    # Uncontended (the usual case): no pass of the scheduler to lock.
-                    self._send_lock.acquire_nowait()
-                except trio.WouldBlock:
-                    await self._send_lock.acquire()
-                try:
+                async with self._send_lock:
                     stream_id = self._allocate_id()
                     timeout_nano = 0
                     if timeout is not None:
@@ -108,8 +100,6 @@ class Client:
                         raise TTRPCError(Code.RESOURCE_EXHAUSTED, str(exc)) from None
                     self._calls[stream_id] = call
                     await self._send(frame)
-                finally:
-                    self._send_lock.release()
                 await call.done.wait()
             finally:
                 # Abandoned calls forget their id so a late response is dropped.
@@ -140,10 +130,6 @@ class Client:
         view = memoryview(frame)
         sent = 0
         try:
-            # Most frames fit in the socket buffer: one write(2), no await (a trio
-            # send costs a pass of the scheduler after it). fileno() is -1 once closed.
-            with contextlib.suppress(BlockingIOError):
-                sent = os.write(sock.fileno(), view)
             while sent < len(view):
                 sent += await sock.send(view[sent:])
         except OSError as exc:
@@ -160,23 +146,9 @@ class Client:
     async def run_reader(self) -> None:
         """Read responses until the connection ends; :func:`connect` runs this."""
         decoder = FrameDecoder()
-        sock = self._stream.socket
-        # recv(2) first, wait only when there is nothing: trio's receive_some adds
-        # a pass of the scheduler after every read (as the server's read loop).
-        waited = True
         try:
             while not decoder.at_eof:
-                try:
-                    data = os.read(sock.fileno(), _READ_SIZE)  # -1 once closed: EBADF
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
-                    waited = True
-                    continue
-                except OSError:
-                    break  # ECONNRESET: same as EOF
-                if not waited:
-                    await trio.lowlevel.checkpoint()  # a peer that never pauses
-                waited = False
+                data = await self._stream.receive_some(_READ_SIZE)
                 decoder.feed(data)
                 while (event := decoder.next_event()) is not None:
                     self._on_event(event)
