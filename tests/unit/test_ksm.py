@@ -219,6 +219,23 @@ async def test_idle_marker_marks_after_serving_and_after_each_burst(
         nursery.cancel_scope.cancel()
 
 
+async def test_idle_marker_keeps_plain_handlers_plain(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A plain handler (answered from the read loop) stays plain once watched."""
+    fake = FakeMarker()
+    idle = daemon.IdleMarker(fake)  # type: ignore[arg-type]
+
+    def handler(request: Any, ctx: Any) -> str:
+        return f"now {request}"
+
+    [method] = idle.watch({"State": Method(object, handler)}).values()  # type: ignore[arg-type]
+    assert not method.is_async
+    await trio.sleep(10)
+    assert method.handler(1, None) == "now 1"
+    assert idle._last == trio.current_time()  # noted as activity
+
+
 async def test_idle_marker_stops_where_there_is_no_ksm(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
